@@ -1,0 +1,118 @@
+"""The defense interface, following scikit-learn's estimator convention.
+
+- Hyperparameters are keyword-only constructor arguments stored as given; `get_params()` is exactly
+  what the results database stores; `clone()` rebuilds an unfitted copy.
+- `fit(model, train_set, *, val_set, clean_subset, context) -> self` sets `model_` (the defended
+  model) and, for defenses that separate the data, `split_` (a `Split`).
+- `train_set` is the defender's view (images and given labels): ground truth never reaches a defense.
+- Parameters are validated at fit time against `_parameter_constraints` (pydantic schema `Params`).
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn as nn
+
+from ..config import StrictModel, unknown_name_error, validate_model
+from ..data.datasets import ImageData
+
+ThreatModel = Literal["poisoned-data", "clean-subset", "model-only"]
+
+_DEFENSES: dict[str, type["Defense"]] = {}
+
+
+def register_defense(name: str):
+    def deco(cls: type["Defense"]):
+        if name in _DEFENSES:
+            raise ValueError(f"defense '{name}' is already registered (by {_DEFENSES[name].__module__})")
+        cls.name = name
+        _DEFENSES[name] = cls
+        return cls
+    return deco
+
+
+def registered_defenses() -> dict[str, type["Defense"]]:
+    return dict(_DEFENSES)
+
+
+def get_defense_class(name: str) -> type["Defense"]:
+    if name not in _DEFENSES:
+        raise unknown_name_error("defense", name, _DEFENSES)
+    return _DEFENSES[name]
+
+
+@dataclass
+class Split:
+    """A partition of the training set into clean / suspect / rest, with the scores behind it."""
+
+    clean: torch.Tensor    # bool mask
+    suspect: torch.Tensor  # bool mask
+    scores: dict[str, torch.Tensor] = field(default_factory=dict)  # higher = more suspicious
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rest(self) -> torch.Tensor:
+        return ~(self.clean | self.suspect)
+
+    def to_payload(self) -> dict:
+        return {"clean": self.clean, "suspect": self.suspect, "scores": self.scores, "info": self.info}
+
+    @classmethod
+    def from_payload(cls, p: dict) -> "Split":
+        return cls(p["clean"], p["suspect"], dict(p["scores"]), dict(p["info"]))
+
+
+@dataclass
+class DefenseContext:
+    """What the harness lends a defense besides data: where to cache, how to train, which device,
+    the dataset's identity (class names for CLIP), the preset's training recipe and the seed."""
+
+    dataset: str
+    classes: list[str]
+    preset: Any  # harness.presets.Preset
+    cache: Any   # harness.cache.Cache
+    seed: int = 0
+    device: str | None = None
+    clip: str | None = None
+    artifact_dir: Any = None  # pathlib.Path where a defense may write figures (moved into the run folder)
+    stage_times: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Defense:
+    name: ClassVar[str] = ""
+    threat_model: ClassVar[ThreatModel] = "poisoned-data"
+
+    class Params(StrictModel):
+        pass
+
+    def __init__(self, **params):
+        self._params = dict(params)
+
+    def get_params(self) -> dict:
+        """Every parameter with its effective value (declared defaults filled in), JSON-ready."""
+        return self.params.model_dump(mode="json")
+
+    def set_params(self, **params) -> "Defense":
+        self._params.update(params)
+        return self
+
+    def clone(self) -> "Defense":
+        return type(self)(**copy.deepcopy(self._params))
+
+    @property
+    def params(self) -> StrictModel:
+        """Validated parameters (raises ConfigError naming the defense and field)."""
+        return validate_model(self.Params, self._params, f"defense '{self.name}'")
+
+    def fit(self, model: nn.Module, train_set: ImageData, *, val_set: ImageData | None = None,
+            clean_subset: ImageData | None = None, context: DefenseContext) -> "Defense":
+        raise NotImplementedError(f"defense '{self.name}' does not implement fit()")
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in sorted(self._params.items()))
+        return f"{type(self).__name__}({args})"

@@ -1,0 +1,261 @@
+"""One run: data -> poisoned set -> backdoored model -> defense -> evaluation -> result.json.
+
+Every expensive stage is cached under a content hash of what determines it, so a grid shares one
+poisoned set and one backdoored model per (dataset, attack, seed, preset) among all its defenses.
+The run folder is written all at once at the end: a failed run leaves nothing half-written.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from ..attacks.poison import PoisonedData, TriggeredTest, poison_training_set, trigger_test_set
+from ..attacks.spec import AttackSpec
+from ..config import StrictModel
+from ..data.datasets import ImageData, get_dataset_info, load_split
+from ..data.splits import stratified_holdout
+from ..defenses.base import DefenseContext, Split
+from ..errors import CGDError
+from ..models import Classifier, create_model
+from .cache import Cache, atomic_write_text, tensor_digest
+from .metrics import (attack_success_rate, clean_accuracy, defense_effectiveness_rating, robust_accuracy,
+                      split_metrics)
+from .presets import Preset, get_preset
+from .provenance import git_commit, machine, package_versions
+from .trainer import predict, train
+
+log = logging.getLogger(__name__)
+
+PUBLIC_SPLIT_SEED = 0  # fixed, so one stand-in CLIP serves every run seed
+
+
+class RunConfig(StrictModel):
+    dataset: str = "cifar10"
+    data_root: str | None = None
+    download: bool = False
+    attack: str = "badnets"
+    attack_overrides: dict[str, Any] = Field(default_factory=dict)
+    defense: str = "none"
+    defense_params: dict[str, Any] = Field(default_factory=dict)
+    preset: str = "smoke"
+    seed: int = 0
+    clip: str | None = Field(None, description="CLIP for CLIP-guided defenses; default: the dataset's stand-in")
+    public_holdout: bool | None = Field(None, description="hold out the public split; default: when the CLIP is a stand-in")
+    device: str | None = None
+    cache_dir: str | None = None
+
+    def resolved_clip(self) -> str:
+        return self.clip or f"standin:{self.dataset}"
+
+    def holds_out_public(self) -> bool:
+        if self.public_holdout is not None:
+            return self.public_holdout
+        return self.resolved_clip().startswith("standin:")
+
+
+@dataclass
+class RunData:
+    """The data of one run. `train` is what the victim trained on; `val` is held out of the same
+    poisoned pool for model selection; `test` is only ever used by the evaluator."""
+
+    train: PoisonedData
+    val: PoisonedData
+    test: ImageData
+    triggered: TriggeredTest
+    public_indices: torch.Tensor  # indices into the full training set, for the stand-in CLIP
+    attack: AttackSpec
+    info: dict
+
+
+class StageTimer:
+    def __init__(self):
+        self.times: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[name] = round(self.times.get(name, 0.0) + time.perf_counter() - t0, 3)
+
+
+def _limit(data: ImageData, n: int | None, seed: int) -> ImageData:
+    if n is None or n >= len(data):
+        return data
+    keep, _ = stratified_holdout(data.labels, 1 - n / len(data), seed)
+    return data.subset(keep)
+
+
+def prepare_data(cfg: RunConfig, preset: Preset, attack: AttackSpec, cache: Cache) -> RunData:
+    info = get_dataset_info(cfg.dataset)
+    full_train = load_split(cfg.dataset, cfg.data_root, True, cache=cache, download=cfg.download)
+    test = load_split(cfg.dataset, cfg.data_root, False, cache=cache, download=cfg.download)
+    if attack.poisoning.target >= full_train.num_classes:
+        raise CGDError(f"attack '{attack.name}': target {attack.poisoning.target} is not a class of "
+                       f"{info.title} ({full_train.num_classes} classes)")
+    full_train = _limit(full_train, preset.max_train, 0)
+    test = _limit(test, preset.max_test, 0)
+    if cfg.holds_out_public() and preset.public_fraction > 0:
+        victim_idx, public_idx = stratified_holdout(full_train.labels, preset.public_fraction, PUBLIC_SPLIT_SEED)
+    else:
+        victim_idx, public_idx = torch.arange(len(full_train)), torch.empty(0, dtype=torch.long)
+    pool = full_train.subset(victim_idx)
+    poison_spec = {"images": tensor_digest(pool.images), "labels": tensor_digest(pool.labels),
+                   "attack": attack.model_dump(mode="json"), "classes": pool.classes}
+    poisoned = PoisonedData.from_payload(cache.get_or_compute(
+        "poisoned", poison_spec, lambda: poison_training_set(attack, pool).to_payload()))
+    train_idx, val_idx = stratified_holdout(poisoned.labels, preset.val_fraction, cfg.seed)
+    triggered = trigger_test_set(attack, test)
+    data_info = {
+        "dataset": cfg.dataset, "n_full_train": len(full_train), "n_public_holdout": len(public_idx),
+        "public_holdout": "stratified hold-out of the training set for the stand-in CLIP; the victim never sees it"
+        if len(public_idx) else "none",
+        "n_victim_pool": len(pool), "n_train": len(train_idx), "n_val": len(val_idx), "n_test": len(test),
+        "n_triggered_test": len(triggered.true_labels),
+        "n_poisoned_train": int(poisoned.poison_mask[train_idx].sum()),
+        "n_cross_train": int(poisoned.cross_mask[train_idx].sum()),
+    }
+    return RunData(poisoned.subset(train_idx), poisoned.subset(val_idx), test, triggered, public_idx, attack,
+                   data_info)
+
+
+def build_model(preset: Preset, dataset: str, num_classes: int) -> Classifier:
+    info = get_dataset_info(dataset)
+    return Classifier(create_model(preset.model, num_classes), info.mean, info.std, arch=preset.model)
+
+
+def backdoored_model(cfg: RunConfig, preset: Preset, data: RunData, cache: Cache) -> tuple[Classifier, str]:
+    spec = {"images": tensor_digest(data.train.images), "labels": tensor_digest(data.train.labels),
+            "model": preset.model, "train": preset.train.model_dump(mode="json"), "seed": cfg.seed,
+            "num_classes": len(data.train.classes)}
+
+    def compute():
+        torch.manual_seed(cfg.seed)
+        model = build_model(preset, cfg.dataset, len(data.train.classes))
+        train(model, data.train.images, data.train.labels, preset.train, seed=cfg.seed, device=cfg.device,
+              desc=f"train victim ({data.attack.name})")
+        return {"state_dict": {k: v.cpu() for k, v in model.net.state_dict().items()}}
+
+    payload = cache.get_or_compute("backdoored", spec, compute)
+    model = build_model(preset, cfg.dataset, len(data.train.classes))
+    model.net.load_state_dict(payload["state_dict"])
+    return model.eval(), cache.key("backdoored", spec)
+
+
+def evaluate(model: Classifier, data: RunData, preset: Preset, device=None) -> dict:
+    clean_logits = predict(model, data.test.images, batch_size=preset.eval_batch_size, device=device,
+                           precision=preset.train.precision)
+    out = {"clean_acc": clean_accuracy(clean_logits, data.test.labels)}
+    if data.attack.family == "no-attack":
+        out.update({"asr": None, "ra": None})
+    else:
+        trig_logits = predict(model, data.triggered.images, batch_size=preset.eval_batch_size, device=device,
+                              precision=preset.train.precision)
+        out["asr"] = attack_success_rate(trig_logits, data.triggered.attack_labels)
+        out["ra"] = robust_accuracy(trig_logits, data.triggered.true_labels)
+    return out
+
+
+def _split_report(split: Split, gt: PoisonedData) -> dict:
+    report = split_metrics(split.suspect, split.clean, gt.poison_mask, split.scores)
+    report["suspect_tpr_cross"] = (float((split.suspect & gt.cross_mask).sum()) / int(gt.cross_mask.sum())
+                                   if gt.cross_mask.any() else None)
+    return report
+
+
+def _json_safe(obj):
+    if isinstance(obj, float) and (math.isnan(obj) or math.isinf(obj)):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def run(cfg: RunConfig, out_dir: str | os.PathLike | None = None) -> dict:
+    """Run one (dataset, attack, defense, preset, seed) job; return the result and, if `out_dir` is
+    given, write `out_dir/result.json` (and any defense figures) atomically at the end."""
+    from ..registry import create_attack, create_defense, defense_entry  # deferred: imports defenses
+
+    timer = StageTimer()
+    preset = get_preset(cfg.preset)
+    attack = create_attack(cfg.attack, **cfg.attack_overrides)
+    defense = create_defense(cfg.defense, preset=cfg.preset, **cfg.defense_params)
+    entry = defense_entry(cfg.defense)
+    cache = Cache(cfg.cache_dir)
+    staging = Path(tempfile.mkdtemp(prefix="cgd-run-"))  # moved into out_dir only when the run succeeded
+    try:
+        t_total = time.perf_counter()
+        with timer("data"):
+            data = prepare_data(cfg, preset, attack, cache)
+        with timer("backdoor_training"):
+            model, backdoor_key = backdoored_model(cfg, preset, data, cache)
+        with timer("evaluate_backdoored"):
+            before = evaluate(model, data, preset, cfg.device)
+        context = DefenseContext(dataset=cfg.dataset, classes=data.train.classes, preset=preset, cache=cache,
+                                 seed=cfg.seed, device=cfg.device, clip=cfg.resolved_clip(), artifact_dir=staging)
+        context.extra["public_indices"] = data.public_indices
+        defense_spec = {"backdoored": backdoor_key, "defense": cfg.defense, "params": defense.get_params(),
+                        "preset": cfg.preset, "seed": cfg.seed, "clip": cfg.resolved_clip(),
+                        "val": tensor_digest(data.val.images)}
+        with timer("defense"):
+            if cfg.defense == "none":
+                defended, split, defense_info = model, None, {}
+            else:
+                def compute():
+                    defense.fit(model, data.train.defender_view(), val_set=data.val.defender_view(), context=context)
+                    split_ = getattr(defense, "split_", None)
+                    return {"state_dict": {k: v.cpu() for k, v in defense.model_.net.state_dict().items()},
+                            "split": split_.to_payload() if split_ is not None else None,
+                            "info": json.loads(json.dumps(getattr(defense, "info_", {}), default=str)),
+                            "stage_times": dict(context.stage_times)}
+                payload = cache.get_or_compute("defended", defense_spec, compute)
+                defended = build_model(preset, cfg.dataset, len(data.train.classes))
+                defended.net.load_state_dict(payload["state_dict"])
+                split = Split.from_payload(payload["split"]) if payload["split"] else None
+                defense_info = payload["info"]
+                timer.times.update({f"defense.{k}": v for k, v in payload["stage_times"].items()})
+        with timer("evaluate"):
+            after = evaluate(defended, data, preset, cfg.device)
+        result: dict[str, Any] = {
+            **after,
+            "der": None if after["asr"] is None else defense_effectiveness_rating(
+                before["clean_acc"], before["asr"], after["clean_acc"], after["asr"]),
+            "no_defense": before,
+            "attack": attack.name, "attack_family": attack.family, "defense": cfg.defense,
+            "threat_model": entry.threat_model, "dataset": cfg.dataset, "preset": cfg.preset, "seed": cfg.seed,
+            "model": preset.model, "clip": cfg.resolved_clip() if entry.threat_model != "model-only" else None,
+            "defense_params": defense.get_params(), "defense_info": defense_info,
+            "split": _split_report(split, data.train) if split is not None else None,
+            "data": data.info,
+            "stage_times": timer.times,
+            "cache": {"hits": cache.hits, "misses": cache.misses},
+            "config": cfg.model_dump(mode="json"),
+            "resolved": {"preset": preset.model_dump(mode="json"), "attack": attack.model_dump(mode="json")},
+            "versions": package_versions(), "git_commit": git_commit(), "machine": machine(),
+        }
+        result["stage_times"]["total"] = round(time.perf_counter() - t_total, 3)
+        result = _json_safe(result)
+        if out_dir:
+            atomic_write_text(staging / "result.json", json.dumps(result, indent=2))
+            out = Path(out_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            for f in staging.iterdir():
+                shutil.move(str(f), str(out / f.name))
+        return result
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
