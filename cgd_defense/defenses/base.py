@@ -3,7 +3,8 @@
 - Hyperparameters are keyword-only constructor arguments stored as given; `get_params()` is exactly
   what the results database stores; `clone()` rebuilds an unfitted copy.
 - `fit(model, train_set, *, val_set, clean_subset, context) -> self` sets `model_` (the defended
-  model) and, for defenses that separate the data, `split_` (a `Split`).
+  model, same architecture as the input: pruning masks weights in place), optionally `split_` (a
+  `Split`, for defenses that separate the data) and `info_` (a JSON-able dict for result.json).
 - `train_set` is the defender's view (images and given labels): ground truth never reaches a defense.
 - Parameters are validated at fit time against `_parameter_constraints` (pydantic schema `Params`).
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import copy
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import torch
 import torch.nn as nn
@@ -79,6 +80,13 @@ class DefenseContext:
     device: str | None = None
     clip: str | None = None
     artifact_dir: Any = None  # pathlib.Path where a defense may write figures (moved into the run folder)
+    # Harness-held ground truth, lent only for the benchmark's `oracle` clean-data setting: returns
+    # (indices into the training set, ImageData) of `fraction` of the training set drawn from truly
+    # clean samples. Its use is recorded in result.json; no other defense path may call it.
+    oracle_clean_subset: Callable[[float], tuple[torch.Tensor, ImageData]] | None = None
+    # Ground-truth poison mask, for *reporting* the poison rate of what a defense received
+    # (e.g. the clean subset a clean-data defense was fed); never for decisions.
+    report_poison_rate: Callable[[torch.Tensor], float] | None = None
     stage_times: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -169,6 +169,16 @@ def evaluate(model: Classifier, data: RunData, preset: Preset, device=None) -> d
     return out
 
 
+def _oracle_clean_subset(train: PoisonedData, fraction: float, seed: int) -> tuple[torch.Tensor, ImageData]:
+    """`fraction` of the training set, drawn (seeded) from samples the attack did not touch: the
+    trusted clean set that clean-data defenses assume (BackdoorBench: 5%)."""
+    clean_idx = torch.nonzero(~train.modified_mask).flatten()
+    n = min(len(clean_idx), int(round(fraction * len(train))))
+    g = torch.Generator().manual_seed(seed + 7919)
+    chosen = torch.sort(clean_idx[torch.randperm(len(clean_idx), generator=g)[:n]]).values
+    return chosen, ImageData(train.images[chosen], train.labels[chosen], train.classes)
+
+
 def _split_report(split: Split, gt: PoisonedData) -> dict:
     report = split_metrics(split.suspect, split.clean, gt.poison_mask, split.scores)
     report["suspect_tpr_cross"] = (float((split.suspect & gt.cross_mask).sum()) / int(gt.cross_mask.sum())
@@ -209,6 +219,10 @@ def run(cfg: RunConfig, out_dir: str | os.PathLike | None = None) -> dict:
         context = DefenseContext(dataset=cfg.dataset, classes=data.train.classes, preset=preset, cache=cache,
                                  seed=cfg.seed, device=cfg.device, clip=cfg.resolved_clip(), artifact_dir=staging)
         context.extra["public_indices"] = data.public_indices
+        context.extra["data_root"] = cfg.data_root
+        context.oracle_clean_subset = lambda fraction: _oracle_clean_subset(data.train, fraction, cfg.seed)
+        context.report_poison_rate = lambda idx: float(data.train.poison_mask[torch.as_tensor(idx)].float().mean()) \
+            if len(idx) else float("nan")
         defense_spec = {"backdoored": backdoor_key, "defense": cfg.defense, "params": defense.get_params(),
                         "preset": cfg.preset, "seed": cfg.seed, "clip": cfg.resolved_clip(),
                         "val": tensor_digest(data.val.images)}
