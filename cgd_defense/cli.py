@@ -108,7 +108,8 @@ def attacks_list(pattern, exclude, attack_files):
     _register_attack_files(attack_files)
     for name in list_attacks(pattern, exclude):
         spec = get_attack(name)
-        click.echo(f"{name:<18} {spec.family:<16} {spec.citation.split('.')[0]}")
+        source = spec.source.split(":")[0] if spec.source else "-"
+        click.echo(f"{name:<16} {spec.family:<15} {spec.short_citation:<22} defaults: {source}")
 
 
 @attacks.command("show")
@@ -136,6 +137,37 @@ def attacks_validate(files):
             click.echo(f"invalid {exc}")
     if failed:
         sys.exit(2)
+
+
+@attacks.command("preview")
+@click.argument("name")
+@click.option("--out", "out_dir", type=click.Path(), required=True, help="folder for preview.png and preview.json")
+@click.option("--dataset", default="cifar10", show_default=True)
+@click.option("--data-root", type=click.Path(), default=None, help="dataset folder; default: $CGD_DATA_ROOT")
+@click.option("--per-class", default=2, show_default=True, type=click.IntRange(1, 20), help="images of each class in the grid")
+@click.option("--attack-opt", "attack_opts", multiple=True, metavar="KEY=VALUE", help="attack override (repeatable)")
+@click.option("--attack-file", "attack_files", multiple=True, type=click.Path())
+@click.option("--cache-dir", type=click.Path(), default=None)
+@click.option("--preset", default="smoke", show_default=True,
+              help="sizes the fit of learned triggers (lc, inputaware, lf, ssba, trojannn, narcissus); cached")
+def attacks_preview(name, out_dir, dataset, data_root, per_class, attack_opts, attack_files, cache_dir, preset):
+    """Poison the whole training split; print the poison count, ratio and the triggers' mean
+    L_inf / L_2 / SSIM distortion; write a PNG grid of clean vs triggered images and residuals."""
+    from .attacks.preview import preview_attack, preview_fit_context
+    from .data.datasets import load_split
+    from .harness.cache import Cache
+    from .harness.presets import get_preset
+    from .registry import create_attack
+
+    _register_attack_files(attack_files)
+    spec = create_attack(name, **_parse_opts(attack_opts, "--attack-opt"))
+    cache = Cache(cache_dir)
+    train, test = (load_split(dataset, data_root, split, cache=cache) for split in (True, False))
+    fit = preview_fit_context(train, get_preset(preset), cache)
+    report = preview_attack(spec, train, test, out_dir, per_class=per_class, fit=fit)
+    for line in report.lines():
+        click.echo(line)
+    click.echo(f"wrote {report.grid} and {Path(out_dir) / 'preview.json'}")
 
 
 # ---------------------------------------------------------------------------------------------- defenses
@@ -170,6 +202,260 @@ def defenses_show(name, preset):
                                "preset_changes": e.presets}, sort_keys=False))
 
 
+# ---------------------------------------------------------------------------------------------- cgd
+
+@cli.group()
+def cgd():
+    """CGD's split and entropy map (the defense itself runs through `run --defense cgd`)."""
+
+
+@cgd.command("map")
+@click.argument("run_dir", type=click.Path())
+@click.option("--out", "out_file", type=click.Path(), default=None, help="PNG path; default: RUN_DIR/entropy_map.png")
+def cgd_map(run_dir, out_file):
+    """Redraw the entropy map of a CGD run from RUN_DIR/split.pt."""
+    from .defenses.entropy_map import draw_from_split_file
+
+    click.echo(f"wrote {draw_from_split_file(Path(run_dir) / 'split.pt', out_file)}")
+
+
+@cgd.command("split")
+@click.option("--attack", default="badnets", show_default=True, help="registered attack name (see `attacks list`)")
+@click.option("--dataset", default="cifar10", show_default=True)
+@click.option("--data-root", type=click.Path(), default=None, help="dataset folder; default: $CGD_DATA_ROOT")
+@click.option("--preset", default="smoke", show_default=True, help="smoke | quick | quick-small | cpu | paper")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--clip", default=None, help="CLIP, e.g. standin:cifar10 or ViT-B-32:/path/model.bin")
+@click.option("--defense-opt", "defense_opts", multiple=True, metavar="KEY=VALUE", help="CGD parameter (repeatable)")
+@click.option("--attack-opt", "attack_opts", multiple=True, metavar="KEY=VALUE", help="attack override (repeatable)")
+@click.option("--attack-file", "attack_files", multiple=True, type=click.Path())
+@click.option("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
+@click.option("--cache-dir", type=click.Path(), default=None, help="cache folder; default: $CGD_CACHE_DIR or ~/.cache/cgd-bench")
+@click.option("--out", "out_file", type=click.Path(), required=True,
+              help="split file: .json (plain lists) or .pt (torch); indices + scores + info")
+def cgd_split(attack, dataset, data_root, preset, seed, clip, defense_opts, attack_opts, attack_files, device,
+              cache_dir, out_file):
+    """Compute CGD's clean / suspect / rest split of a run's training set, without retraining."""
+    from .defenses.cgd import split_for_run, write_split_file
+    from .harness.pipeline import RunConfig
+
+    _register_attack_files(attack_files)
+    cfg = RunConfig(dataset=dataset, data_root=data_root, attack=attack,
+                    attack_overrides=_parse_opts(attack_opts, "--attack-opt"), defense="cgd",
+                    defense_params=_parse_opts(defense_opts, "--defense-opt"), preset=preset, seed=seed, clip=clip,
+                    device=device, cache_dir=cache_dir)
+    payload = split_for_run(cfg)
+    info = payload["info"]
+    click.echo(f"clean {info['n_clean']}  suspect {info['n_suspect']}  rest {info['n_rest']}  of {info['n']}  "
+               f"(sigma1 {info['thresholds']['sigma1']:.3g}, sigma2 {info['thresholds']['sigma2']:.3g}, "
+               f"{info['clip_source']})")
+    click.echo(f"wrote {write_split_file(payload, out_file)}")
+
+
+# ---------------------------------------------------------------------------------------------- grid
+
+@cli.group()
+def grid():
+    """Grids of jobs (leaderboard/grids/*.yaml) run into a resumable results database."""
+
+
+@grid.command("list")
+def grid_list():
+    """The grids in leaderboard/grids/, with their job counts."""
+    from .leaderboard.grid import list_grids, load_grid, plan_grid
+
+    for name in list_grids():
+        spec, source = load_grid(name)
+        plan = plan_grid(spec, source)
+        missing = f"  ({len(plan.jobs) - len(plan.runnable)} wait for unregistered names)" if plan.unregistered_names else ""
+        click.echo(f"{name:<26} {spec.preset:<8} {len(plan.jobs):>5} jobs{missing}  {spec.description}")
+
+
+@grid.command("show")
+@click.argument("grid_name", metavar="GRID")
+@click.option("--db", "db_path", type=click.Path(), default=None, help="results database; default: leaderboard/results.sqlite")
+def grid_show(grid_name, db_path):
+    """Every job of GRID in run order, with its status in the database."""
+    from .leaderboard.db import ResultsDB
+    from .leaderboard.grid import load_plan
+
+    plan = load_plan(grid_name)
+    status = ResultsDB(db_path).statuses(j.key for j in plan.jobs)
+    for job in plan.jobs:
+        state = "unregistered" if job.unregistered else status.get(job.key, "new")
+        click.echo(f"{job.position:>5} {job.key[:10]} {state:<12} {job.describe()}")
+    if plan.unregistered_names:
+        click.echo(f"not registered: {', '.join(plan.unregistered_names)}")
+
+
+@grid.command("run")
+@click.argument("grid_name", metavar="GRID")
+@click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True)
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1),
+              help="local: jobs at once (torch threads are split among them); ray: most jobs in flight")
+@click.option("--db", "db_path", type=click.Path(), default=None, help="results database; default: leaderboard/results.sqlite")
+@click.option("--retry-failed", is_flag=True, help="run again the jobs recorded as failed")
+@click.option("--skip-unregistered", is_flag=True, help="record jobs naming unregistered attacks/defenses as skipped")
+@click.option("--data-root", type=click.Path(), default=None, help="dataset folder; default: $CGD_DATA_ROOT")
+@click.option("--cache-dir", type=click.Path(), default=None, help="cache folder; default: $CGD_CACHE_DIR or ~/.cache/cgd-bench")
+@click.option("--runs-dir", type=click.Path(), default=None, help="run folders; default: runs/ beside the database")
+@click.option("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
+@click.option("--address", default=None, help="ray: cluster address (e.g. auto); default: start a local instance")
+@click.option("--cpus-per-job", type=float, default=None, help="ray: CPUs per job (default: the grid's resources)")
+@click.option("--gpus-per-job", type=float, default=None, help="ray: GPUs per job (default: the grid's resources)")
+@click.option("--print-config", is_flag=True, help="print the resolved configuration of every job and exit")
+def grid_run(grid_name, backend, workers, db_path, retry_failed, skip_unregistered, data_root, cache_dir, runs_dir,
+             device, address, cpus_per_job, gpus_per_job, print_config):
+    """Run the unfinished jobs of GRID; finished jobs are skipped, so a stopped run resumes."""
+    from .leaderboard.db import ResultsDB
+    from .leaderboard.grid import load_plan
+    from .leaderboard.runner import run_grid, unregistered_error
+
+    plan = load_plan(grid_name)
+    if print_config:
+        if plan.unregistered_names and not skip_unregistered:
+            raise unregistered_error(plan)
+        jobs = [{"job": j.describe(), "key": j.key, "resolved": j.resolved} for j in plan.runnable]
+        click.echo(yaml.safe_dump(json.loads(json.dumps(jobs)), sort_keys=False))  # plain copies: no YAML anchors
+        return
+    db = ResultsDB(db_path)
+    summary = run_grid(plan, db, backend=backend, workers=workers, retry_failed=retry_failed,
+                       skip_unregistered=skip_unregistered, data_root=data_root, cache_dir=cache_dir, device=device,
+                       runs_dir=runs_dir, address=address, cpus_per_job=cpus_per_job, gpus_per_job=gpus_per_job)
+    for line in summary.lines():
+        click.echo(line)
+    click.echo(f"results: {db.path}")
+    if summary.failed:
+        sys.exit(1)
+
+
+# ---------------------------------------------------------------------------------------------- leaderboard
+
+@cli.group()
+def leaderboard():
+    """The published leaderboard, built from the results database."""
+
+
+@leaderboard.command("build")
+@click.option("--db", "db_path", type=click.Path(), default=None, help="results database; default: leaderboard/results.sqlite")
+@click.option("--out", "out_dir", type=click.Path(), required=True, help="folder for results.csv, README.md, index.html, plots/")
+@click.option("--grid", "grids", multiple=True, help="only these grids (repeatable); default: every grid in the database")
+def leaderboard_build(db_path, out_dir, grids):
+    """Write results.csv, README.md (tables), index.html (one self-contained page) and PNG plots."""
+    from .leaderboard.build import build_leaderboard
+    from .leaderboard.db import ResultsDB
+
+    written = build_leaderboard(ResultsDB(db_path), out_dir, grids=list(grids) or None)
+    for path in written:
+        click.echo(f"wrote {path}")
+
+
+# ---------------------------------------------------------------------------------------------- backdoorbench
+
+@cli.group()
+def backdoorbench():
+    """BackdoorBench (SCLBD) records: import, defend, split, export; install CGD into a checkout."""
+
+
+_record_options = [
+    click.option("--data-root", type=click.Path(), default=None,
+                 help="clean dataset folder; default: the record's data_path under its checkout, else $CGD_DATA_ROOT"),
+    click.option("--trust-record", is_flag=True,
+                 help="unpickle the record without the allow-list (runs any code it holds: trusted records only)"),
+    click.option("--cache-dir", type=click.Path(), default=None, help="cache folder"),
+]
+_defense_options = [
+    click.option("--defense-opt", "defense_opts", multiple=True, metavar="KEY=VALUE", help="defense parameter (repeatable)"),
+    click.option("--preset", default=None, help="cgd-bench preset for the defense's schedules (default: the record's "
+                                                "when we exported it, else paper)"),
+    click.option("--seed", default=0, show_default=True, type=int),
+    click.option("--clip", default=None, help="CLIP for CLIP-guided defenses, e.g. ViT-B-32:/path/model.bin"),
+    click.option("--device", default=None, help="cpu | cuda | cuda:N"),
+]
+
+
+def _with(options):
+    def deco(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+    return deco
+
+
+@backdoorbench.command("import")
+@click.argument("record_dir", type=click.Path())
+@_with(_record_options)
+def backdoorbench_import(record_dir, data_root, trust_record, cache_dir):
+    """Read a BackdoorBench attack record (v2 main branch or v1) and print what it holds."""
+    from .backdoorbench import read_record
+    from .harness.cache import Cache
+
+    click.echo(read_record(record_dir, data_root=data_root, trust=trust_record, cache=Cache(cache_dir)).summary())
+
+
+@backdoorbench.command("defend")
+@click.argument("record_dir", type=click.Path())
+@click.option("--defense", default="cgd", show_default=True, help="registered defense name (see `defenses list`)")
+@_with(_defense_options + _record_options)
+def backdoorbench_defend(record_dir, defense, defense_opts, preset, seed, clip, device, data_root, trust_record,
+                         cache_dir):
+    """Run a defense on a record; write RECORD_DIR/defense/<defense>/ (defense_result.pt, CSVs, result.json)."""
+    from .backdoorbench import defend_record
+
+    result = defend_record(record_dir, defense, _parse_opts(defense_opts, "--defense-opt"), preset=preset, seed=seed,
+                           data_root=data_root, clip=clip, device=device, cache_dir=cache_dir, trust=trust_record)
+    fmt = lambda v: "n/a" if v is None else f"{100 * v:.2f}%"  # noqa: E731
+    click.echo(f"{result['attack']} / {defense} [{result['preset']}]: CA {fmt(result['clean_acc'])}  "
+               f"ASR {fmt(result['asr'])}  RA {fmt(result['ra'])}  (no defense: CA "
+               f"{fmt(result['no_defense']['clean_acc'])}, ASR {fmt(result['no_defense']['asr'])})")
+    click.echo(f"wrote {Path(result['record']['path']) / 'defense' / defense}")
+
+
+@backdoorbench.command("split")
+@click.argument("record_dir", type=click.Path())
+@click.option("--out", "out_file", type=click.Path(), required=True, help="index file to write")
+@_with(_defense_options + _record_options)
+def backdoorbench_split(record_dir, out_file, defense_opts, preset, seed, clip, device, data_root, trust_record,
+                        cache_dir):
+    """CGD's clean split of the record's bd_train as an index file for BackdoorBench's --index."""
+    from .backdoorbench import split_record
+
+    click.echo(split_record(record_dir, out_file, _parse_opts(defense_opts, "--defense-opt"), preset=preset,
+                            seed=seed, data_root=data_root, clip=clip, device=device, cache_dir=cache_dir,
+                            trust=trust_record).summary())
+
+
+@backdoorbench.command("export")
+@click.argument("run_dir", type=click.Path())
+@click.option("--out", "out_dir", type=click.Path(), required=True, help="record folder to create")
+@click.option("--data-root", type=click.Path(), default=None, help="override the run's dataset folder")
+@click.option("--cache-dir", type=click.Path(), default=None, help="override the run's cache folder")
+def backdoorbench_export(run_dir, out_dir, data_root, cache_dir):
+    """Write a run's poisoned training set and backdoored model as a BackdoorBench v2 record."""
+    from .backdoorbench import export_run
+
+    click.echo(export_run(run_dir, out_dir, cache_dir=cache_dir, data_root=data_root).summary())
+
+
+@backdoorbench.command("install")
+@click.option("--bb-root", type=click.Path(), required=True, help="the BackdoorBench checkout")
+def backdoorbench_install(bb_root):
+    """Add defense/cgd.py and config/defense/cgd/*.yaml to a BackdoorBench checkout."""
+    from .backdoorbench import install
+
+    click.echo(install(bb_root).summary())
+
+
+@backdoorbench.command("uninstall")
+@click.option("--bb-root", type=click.Path(), required=True, help="the BackdoorBench checkout")
+def backdoorbench_uninstall(bb_root):
+    """Remove exactly what `install` wrote (refuses if any of it was changed)."""
+    from .backdoorbench import uninstall
+
+    for path in uninstall(bb_root):
+        click.echo(f"removed {path}")
+
+
 # ---------------------------------------------------------------------------------------------- misc
 
 @cli.group()
@@ -197,6 +483,74 @@ def datasets_list():
     for name in list_datasets():
         info = get_dataset_info(name)
         click.echo(f"{name:<13} {info.num_classes:>4} classes  {info.image_size}x{info.image_size}  {info.layouts_help}")
+
+
+# ---------------------------------------------------------------------------------------------- clip
+
+@cli.group()
+def clip():
+    """CLIPs: real open_clip models and the stand-in CLIPs trained on public data."""
+
+
+@clip.command("train")
+@click.argument("name", default="standin:cifar10")
+@click.option("--data-root", type=click.Path(), default=None, help="dataset folder; default: $CGD_DATA_ROOT")
+@click.option("--extra-data", type=click.Path(), default=None,
+              help="Tiny-ImageNet-200 folder whose images widen the public pool")
+@click.option("--out", "out_file", type=click.Path(), default=None,
+              help="also write the checkpoint here; load it with --clip cgd-standin:FILE")
+@click.option("--device", default=None)
+@click.option("--cache-dir", type=click.Path(), default=None)
+def clip_train(name, data_root, extra_data, out_file, device, cache_dir):
+    """Train a stand-in CLIP (standin:DATASET[:weak-N|:backdoored-ATTACK]), or reuse the cached one."""
+    from .clip.factory import parse_clip_spec
+    from .clip.standin import get_standin, save_standin
+    from .harness.cache import Cache
+
+    parsed = parse_clip_spec(name)
+    if parsed.kind != "stand-in":
+        raise ConfigError(f"'{name}' is not a stand-in; only standin:DATASET[:VARIANT] CLIPs are trained here")
+    cache = Cache(cache_dir)
+    payload = get_standin(parsed, data_root=data_root, cache=cache, extra_data=extra_data, device=device)
+    reused = "reused from the cache" if any(h.startswith("clip_standin/") for h in cache.hits) else "trained"
+    pool = payload["pool"]
+    click.echo(f"{name}: {reused}; {payload['train']['seconds']:.0f} s of training, {payload['train']['steps']} steps "
+               f"on {pool['n_pool']} public images ({payload['arch']})")
+    if out_file:
+        save_standin(payload, out_file)
+        click.echo(f"wrote {out_file} (load with --clip {payload['arch']}:{out_file})")
+
+
+@clip.command("eval")
+@click.argument("name")
+@click.option("--dataset", default="cifar10", show_default=True)
+@click.option("--data-root", type=click.Path(), default=None, help="dataset folder; default: $CGD_DATA_ROOT")
+@click.option("--templates", type=click.Choice(["reference", "ensemble"]), default="reference", show_default=True)
+@click.option("--attack", default=None, help="also report the zero-shot ASR of this attack's triggered test images")
+@click.option("--extra-data", type=click.Path(), default=None, help="as given to `clip train`")
+@click.option("--device", default=None)
+@click.option("--cache-dir", type=click.Path(), default=None)
+@click.option("--json", "as_json", is_flag=True, help="print the metrics as JSON")
+def clip_eval(name, dataset, data_root, templates, attack, extra_data, device, cache_dir, as_json):
+    """Zero-shot accuracy, per-class accuracy and ECE on the test set (and ASR for a backdoored CLIP)."""
+    from .clip import load_clip
+    from .clip.evaluate import evaluate_clip
+    from .harness.cache import Cache
+
+    cache = Cache(cache_dir)
+    model = load_clip(name, dataset=dataset, data_root=data_root, cache=cache, device=device, extra_data=extra_data)
+    metrics = evaluate_clip(model, dataset, data_root, cache=cache, templates=templates, attack=attack)
+    if as_json:
+        click.echo(json.dumps(metrics, indent=2))
+        return
+    click.echo(f"{name} [{model.source['label']}] on {dataset} test ({metrics['n_test']} images, {templates} template"
+               f"{'s' if templates == 'ensemble' else ''}):")
+    click.echo(f"  zero-shot accuracy {100 * metrics['zero_shot_acc']:.2f}%   ECE {metrics['ece']:.4f}   "
+               f"logit scale {metrics['logit_scale']:.1f}")
+    if "zero_shot_asr" in metrics:
+        click.echo(f"  {metrics['attack']}: zero-shot ASR {100 * metrics['zero_shot_asr']:.2f}%   "
+                   f"accuracy on triggered images {100 * metrics['triggered_acc']:.2f}%")
+    click.echo("  per class: " + ", ".join(f"{c} {100 * a:.1f}%" for c, a in metrics["per_class_acc"].items()))
 
 
 def main(argv: list[str] | None = None) -> None:

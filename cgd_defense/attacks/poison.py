@@ -5,11 +5,16 @@ the images and labels the defender sees; `defender_view()` strips it, so a defen
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Callable
 
 import torch
 
 from ..data.datasets import ImageData
+from ..errors import CGDError
+from ..harness.cache import Cache, tensor_digest
+from ..harness.presets import Preset
 from .spec import AttackSpec
 from .triggers import TriggerKind
 
@@ -70,6 +75,56 @@ def target_labels(spec: AttackSpec, labels: torch.Tensor, num_classes: int) -> t
     return torch.full_like(labels, p.target)
 
 
+@dataclass
+class FitContext:
+    """What a learned trigger kind (cgd_defense/attacks/learned/) fits on before it is applied: the
+    clean data the attacker poisons (`train`), data the victim never trains on (`public`: the harness's
+    public split, or None), the cache that stores fit outputs, and the preset that sizes the fit."""
+
+    train: ImageData
+    cache: Cache
+    preset: Preset
+    public: ImageData | None = None
+    device: str | None = None
+    loaded: dict[str, Any] = field(default_factory=dict, repr=False)  # fit outputs read in this process
+
+    @cached_property
+    def train_digest(self) -> str:
+        return tensor_digest(self.train.images) + tensor_digest(self.train.labels)
+
+    @cached_property
+    def public_digest(self) -> str | None:
+        return None if self.public is None else tensor_digest(self.public.images) + tensor_digest(self.public.labels)
+
+    def get_or_compute(self, kind: str, spec: Any, compute: Callable[[], Any]) -> Any:
+        """`Cache.get_or_compute`, remembering what was read so later components reuse it."""
+        key = self.cache.key(kind, spec)
+        if key not in self.loaded:
+            self.loaded[key] = self.cache.get_or_compute(kind, spec, compute)
+        return self.loaded[key]
+
+
+def build_components(spec: AttackSpec, image_size: int, train: bool, fit: FitContext | None = None) -> list[TriggerKind]:
+    """The attack's trigger components, learned ones (kinds with a `fit(context, policy)` step) fitted
+    on `fit` first; a fit done before comes from the cache."""
+    components = spec.components(image_size, train=train)
+    for comp in components:
+        if hasattr(comp, "fit"):
+            if fit is None:
+                raise CGDError(f"attack '{spec.name}': trigger kind '{comp.kind}' is learned and must be fitted "
+                               "before use: pass a FitContext (clean training data, cache, preset)")
+            comp.fit(fit, spec.poisoning)
+    return components
+
+
+def fit_keys(spec: AttackSpec, image_size: int, fit: FitContext | None) -> list[str]:
+    """Cache keys of the fitted outputs of the attack's learned components (empty when it has none):
+    whatever is made with them must carry them in its own cache key."""
+    if fit is None:
+        return []
+    return [comp.fit_key for comp in build_components(spec, image_size, True, fit) if hasattr(comp, "fit")]
+
+
 def apply_components(components: list[TriggerKind], images_u8: torch.Tensor, indices: torch.Tensor,
                      train: bool, strength: float = 1.0, batch_size: int = 2048) -> torch.Tensor:
     """Apply trigger components in order to uint8 images; the result is quantised back to uint8,
@@ -84,17 +139,42 @@ def apply_components(components: list[TriggerKind], images_u8: torch.Tensor, ind
     return out
 
 
-def choose_poison_indices(spec: AttackSpec, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+def natural_feature_margin(components: list[TriggerKind], images_u8: torch.Tensor,
+                           batch_size: int = 4096) -> torch.Tensor:
+    """(N,) how far each image's natural feature lies above its threshold (min over the components
+    that define one); >= 0 means the image already carries the natural trigger."""
+    natural = [c for c in components if hasattr(c, "feature_value")]
+    out = torch.empty(len(images_u8))
+    for start in range(0, len(images_u8), batch_size):
+        x = images_u8[start:start + batch_size].float() / 255
+        out[start:start + batch_size] = torch.stack(
+            [c.feature_value(x) - c.params.threshold for c in natural]).min(0).values
+    return out
+
+
+def choose_poison_indices(spec: AttackSpec, labels: torch.Tensor, num_classes: int,
+                          images: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded choice of (poison, cross) indices following the policy; counts are exact:
-    round(ratio * N) poisons (capped by the eligible pool), round(cross_ratio * poisons) cross samples."""
+    round(ratio * N) poisons (capped by the eligible pool), round(cross_ratio * poisons) cross samples.
+    With `select: natural-feature` the pool is the eligible images that carry the natural feature
+    (`images`, uint8, are needed), taken strongest first."""
     p = spec.poisoning
     n = len(labels)
     g = torch.Generator().manual_seed(p.seed)
     eligible = {"non-target": labels != p.target, "target": labels == p.target,
                 "all": torch.ones(n, dtype=torch.bool)}[p.eligible_set]
-    pool = torch.nonzero(eligible).flatten()
-    n_poison = min(int(round(p.ratio * n)), len(pool))
-    poison = pool[torch.randperm(len(pool), generator=g)[:n_poison]]
+    n_wanted = int(round(p.ratio * n))
+    if p.select == "natural-feature":
+        if images is None:
+            raise ValueError("select: natural-feature needs the images to find the natural trigger's carriers")
+        margin = natural_feature_margin(spec.components(images.shape[-1], train=True), images)
+        pool = torch.nonzero(eligible & (margin >= 0)).flatten()
+        order = torch.sort(margin[pool], descending=True, stable=True).indices
+        poison = pool[order[:n_wanted]]
+    else:
+        pool = torch.nonzero(eligible).flatten()
+        poison = pool[torch.randperm(len(pool), generator=g)[:n_wanted]]
+    n_poison = len(poison)
     rest = torch.ones(n, dtype=torch.bool)
     rest[poison] = False
     rest_idx = torch.nonzero(rest).flatten()
@@ -103,13 +183,13 @@ def choose_poison_indices(spec: AttackSpec, labels: torch.Tensor, num_classes: i
     return torch.sort(poison).values, torch.sort(cross).values
 
 
-def poison_training_set(spec: AttackSpec, clean: ImageData) -> PoisonedData:
+def poison_training_set(spec: AttackSpec, clean: ImageData, fit: FitContext | None = None) -> PoisonedData:
     n, c = len(clean), clean.num_classes
     size = clean.images.shape[-1]
-    poison_idx, cross_idx = choose_poison_indices(spec, clean.labels, c)
+    poison_idx, cross_idx = choose_poison_indices(spec, clean.labels, c, clean.images)
     images = clean.images.clone()
     labels = clean.labels.clone()
-    components = spec.components(size, train=True)
+    components = build_components(spec, size, True, fit)
     if len(poison_idx):
         images[poison_idx] = apply_components(components, clean.images[poison_idx], poison_idx, train=True)
         labels[poison_idx] = target_labels(spec, clean.labels[poison_idx], c)
@@ -134,7 +214,7 @@ class TriggeredTest:
     indices: torch.Tensor        # their indices in the clean test set
 
 
-def trigger_test_set(spec: AttackSpec, clean_test: ImageData) -> TriggeredTest:
+def trigger_test_set(spec: AttackSpec, clean_test: ImageData, fit: FitContext | None = None) -> TriggeredTest:
     """Triggered copies of the test images whose true label differs from the attack's label
     (for all-to-one: every non-target image; for all-to-all: every image, by its label map)."""
     c = clean_test.num_classes
@@ -145,7 +225,7 @@ def trigger_test_set(spec: AttackSpec, clean_test: ImageData) -> TriggeredTest:
         keep = clean_test.labels != spec.poisoning.target
         wanted = torch.full_like(clean_test.labels, spec.poisoning.target)
     idx = torch.nonzero(keep).flatten()
-    components = spec.components(clean_test.images.shape[-1], train=False)
+    components = build_components(spec, clean_test.images.shape[-1], False, fit)
     # test-time indices are offset so per-image randomness differs from the training images'
     images = apply_components(components, clean_test.images[idx], idx + 10_000_000, train=False,
                               strength=spec.test.strength)

@@ -39,8 +39,11 @@ class PoisoningPolicy(StrictModel):
     clean_label: bool = False
     eligible: Literal["non-target", "target", "all"] | None = Field(
         None, description="which samples may be poisoned; default: non-target (dirty-label), target (clean-label)")
-    cross_ratio: float = Field(0.0, ge=0, description="extra trigger-noise samples kept at their label, "
-                                                     "as a multiple of the poison count (WaNet's 'cross' mode)")
+    cross_ratio: float = Field(0.0, ge=0, le=20, description="extra trigger-noise samples kept at their label, "
+                                                            "as a multiple of the poison count (WaNet's 'cross' mode)")
+    select: Literal["random", "natural-feature"] = Field(
+        "random", description="random: a seeded draw from the eligible samples; natural-feature: only eligible "
+                              "samples that already carry the trigger's natural feature, strongest first")
     seed: int = 0
 
     @model_validator(mode="after")
@@ -74,6 +77,16 @@ class AttackSpec(StrictModel):
     trigger: list[TriggerComponent]
     poisoning: PoisoningPolicy = Field(default_factory=PoisoningPolicy)
     test: TestBehaviour = Field(default_factory=TestBehaviour)
+
+    @property
+    def short_citation(self) -> str:
+        """'Gu et al. 2017' from 'Gu, Dolan-Gavitt & Garg. BadNets: ... arXiv:1708.06733, 2017'."""
+        authors = [a.strip() for a in re.split(r",|&| and ", self.citation.split(".")[0]) if a.strip()]
+        if not authors:
+            return self.citation
+        who = authors[0] if len(authors) == 1 else (" & ".join(authors) if len(authors) == 2 else f"{authors[0]} et al.")
+        years = re.findall(r"(?<![\d.:])(?:19|20)\d\d(?![\d.])", self.citation)
+        return f"{who} {years[-1]}" if years else who
 
     def components(self, image_size: int, train: bool = True) -> list[TriggerKind]:
         comps = []
@@ -129,6 +142,12 @@ def parse_attack(data: Any, source: str, base_dir: Path | None = None) -> Attack
                 raise ConfigError(f"{where}: field '{key}': image file not found: {params[key]}")
         checked.append(TriggerComponent(kind=comp.kind, params=params))
     spec.trigger = checked
+    if spec.poisoning.select == "natural-feature" and not any(
+            hasattr(get_trigger_kind(c.kind), "feature_value") for c in spec.trigger):
+        natural_kinds = [k for k in list_trigger_kinds() if hasattr(get_trigger_kind(k), "feature_value")]
+        raise ConfigError(f"{source}: field 'poisoning.select' is 'natural-feature', which needs a trigger component "
+                          f"with a natural feature (kinds: {', '.join(natural_kinds)}); got kinds: "
+                          f"{', '.join(c.kind for c in spec.trigger)}")
     if spec.test.params is not None and len(spec.test.params) > len(spec.trigger):
         raise ConfigError(f"{source}: field 'test.params' has {len(spec.test.params)} entries for "
                           f"{len(spec.trigger)} trigger components")

@@ -5,9 +5,16 @@ in their split (for per-image randomness that is reproducible: e.g. a random pat
 function of (seed, index), not of batch order), and returns the triggered images. Components of an
 attack are applied in the order listed, so composing two components is function composition.
 Learned triggers (issue: attack library II) add a `fit` step whose output is cached.
+
+Kinds live here (none, patch, blend, sig) and in sibling modules (warp.py: WaNet; natural.py: the
+natural feature of clean-image attacks); `cgd_defense/attacks/__init__.py` imports them all, which is
+what fills the registry. A kind may also define `cross_variant()` (the component used for "cross" /
+noise samples, kept at their true label; WaNet) and `feature_value(x)` (a natural feature that clean
+images can already carry; see `poisoning.select: natural-feature`).
 """
 from __future__ import annotations
 
+import math
 from typing import ClassVar, Literal
 
 import torch
@@ -145,7 +152,12 @@ class PatchTrigger(TriggerKind):
 @register_trigger("blend")
 class BlendTrigger(TriggerKind):
     """x' = (1 - alpha) x + alpha t (Blended, Chen et al. 2017), t an image, seeded noise or a pattern,
-    optionally only inside a rectangular region."""
+    optionally only inside a rectangular region.
+
+    Patch-wise partial blending (Adaptive-Blend, Qi et al., ICLR 2023, Sec. 4): the image is cut into
+    `pieces` equal cells (a square grid) and, per image, a seeded random `mask_rate` share of them is
+    left unblended, so no single poisoned image carries the whole trigger. The authors' code uses 16
+    pieces and mask rate 0.5 at training time and the full trigger (mask rate 0) at test time."""
 
     class Params(StrictModel):
         source: Literal["image", "noise", "pattern"] = "noise"
@@ -154,11 +166,15 @@ class BlendTrigger(TriggerKind):
         alpha: float = Field(0.2, gt=0, le=1)
         seed: int = 0
         region: tuple[int, int, int, int] | None = Field(None, description="(x, y, width, height)")
+        pieces: int = Field(1, ge=1, le=1024, description="square grid of cells for partial blending")
+        mask_rate: float = Field(0.0, ge=0, lt=1, description="share of cells left unblended per image")
 
         @model_validator(mode="after")
         def _check(self):
             if self.source == "image" and not self.image:
                 raise ValueError("source 'image' needs an 'image' file path")
+            if math.isqrt(self.pieces) ** 2 != self.pieces:
+                raise ValueError(f"'pieces' must be a perfect square (1, 4, 9, 16, ...); got {self.pieces}")
             return self
 
     def __init__(self, params, image_size, attack_seed=0):
@@ -175,8 +191,46 @@ class BlendTrigger(TriggerKind):
             rx, ry, rw, rh = p.region
             self.mask.zero_()
             self.mask[:, ry:ry + rh, rx:rx + rw] = 1
+        side = math.isqrt(p.pieces)
+        if side > image_size:
+            raise ValueError(f"blend: {p.pieces} pieces need an image of at least {side}x{side} pixels")
+        self.cell_edges = [(i * image_size) // side for i in range(side + 1)]
+        self.masked_pieces = round(p.mask_rate * p.pieces)
+
+    def piece_mask(self, indices: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W): 1 where the trigger is blended, 0 on each image's `masked_pieces` left-out cells,
+        chosen by a generator seeded with (seed, image index)."""
+        side, edges, n = math.isqrt(self.params.pieces), self.cell_edges, self.image_size
+        out = torch.ones(len(indices), 1, n, n)
+        for row, i in enumerate(indices.tolist()):
+            g = torch.Generator().manual_seed(self.params.seed * 1_000_003 + i)
+            for cell in torch.randperm(self.params.pieces, generator=g)[:self.masked_pieces].tolist():
+                r, c = divmod(cell, side)
+                out[row, :, edges[r]:edges[r + 1], edges[c]:edges[c + 1]] = 0
+        return out
 
     def apply(self, x, indices, train, strength=1.0):
         alpha = min(1.0, self.params.alpha * strength)
         t, m = self.target.to(x), self.mask.to(x)
+        if self.masked_pieces:
+            m = m * self.piece_mask(indices).to(x)
         return x + alpha * m * (t - x)
+
+
+@register_trigger("sig")
+class SinusoidalSignal(TriggerKind):
+    """SIG (Barni, Kallas & Tondi, ICIP 2019): add the horizontal sinusoidal signal
+    v(i, j) = delta * sin(2 pi j f / W) to every row (j the column, W the width), then clip.
+    `delta` is on the 0-255 pixel scale, as in the paper and BackdoorBench (delta 40, f 6 on
+    CIFAR-10). Test-time `strength` scales delta."""
+
+    class Params(StrictModel):
+        delta: float = Field(40, gt=0, le=255, description="amplitude on the 0-255 pixel scale")
+        frequency: float = Field(6, gt=0, le=64, description="periods across the image width")
+
+    def signal(self, width: int) -> torch.Tensor:
+        j = torch.arange(width, dtype=torch.float64)
+        return (self.params.delta / 255 * torch.sin(2 * math.pi * j * self.params.frequency / width)).float()
+
+    def apply(self, x, indices, train, strength=1.0):
+        return (x + strength * self.signal(x.shape[-1]).to(x)).clamp(0, 1)

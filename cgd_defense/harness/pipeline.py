@@ -6,6 +6,7 @@ The run folder is written all at once at the end: a failed run leaves nothing ha
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from ..attacks.poison import PoisonedData, TriggeredTest, poison_training_set, trigger_test_set
+from ..attacks.poison import FitContext, PoisonedData, TriggeredTest, fit_keys, poison_training_set, trigger_test_set
 from ..attacks.spec import AttackSpec
 from ..config import StrictModel
 from ..data.datasets import ImageData, get_dataset_info, load_split
@@ -77,6 +78,11 @@ class RunData:
     public_indices: torch.Tensor  # indices into the full training set, for the stand-in CLIP
     attack: AttackSpec
     info: dict
+    # positions of `train`, `val` and `test` in the dataset's splits as `load_split` returns them
+    # (what the BackdoorBench export writes as `original_index_array`)
+    train_indices: torch.Tensor | None = None
+    val_indices: torch.Tensor | None = None
+    test_indices: torch.Tensor | None = None
 
 
 class StageTimer:
@@ -92,11 +98,12 @@ class StageTimer:
             self.times[name] = round(self.times.get(name, 0.0) + time.perf_counter() - t0, 3)
 
 
-def _limit(data: ImageData, n: int | None, seed: int) -> ImageData:
+def _limit(data: ImageData, n: int | None, seed: int) -> tuple[ImageData, torch.Tensor]:
+    """At most `n` samples, stratified; also returns the kept positions."""
     if n is None or n >= len(data):
-        return data
+        return data, torch.arange(len(data))
     keep, _ = stratified_holdout(data.labels, 1 - n / len(data), seed)
-    return data.subset(keep)
+    return data.subset(keep), keep
 
 
 def prepare_data(cfg: RunConfig, preset: Preset, attack: AttackSpec, cache: Cache) -> RunData:
@@ -106,19 +113,24 @@ def prepare_data(cfg: RunConfig, preset: Preset, attack: AttackSpec, cache: Cach
     if attack.poisoning.target >= full_train.num_classes:
         raise CGDError(f"attack '{attack.name}': target {attack.poisoning.target} is not a class of "
                        f"{info.title} ({full_train.num_classes} classes)")
-    full_train = _limit(full_train, preset.max_train, 0)
-    test = _limit(test, preset.max_test, 0)
+    full_train, train_kept = _limit(full_train, preset.max_train, 0)
+    test, test_kept = _limit(test, preset.max_test, 0)
     if cfg.holds_out_public() and preset.public_fraction > 0:
         victim_idx, public_idx = stratified_holdout(full_train.labels, preset.public_fraction, PUBLIC_SPLIT_SEED)
     else:
         victim_idx, public_idx = torch.arange(len(full_train)), torch.empty(0, dtype=torch.long)
     pool = full_train.subset(victim_idx)
+    # learned triggers fit on the attacker's pool; the public split is data the victim never sees
+    fit = FitContext(pool, cache, preset, public=full_train.subset(public_idx) if len(public_idx) else None,
+                     device=cfg.device)
     poison_spec = {"images": tensor_digest(pool.images), "labels": tensor_digest(pool.labels),
                    "attack": attack.model_dump(mode="json"), "classes": pool.classes}
+    if fitted := fit_keys(attack, pool.images.shape[-1], fit):
+        poison_spec["fitted"] = fitted
     poisoned = PoisonedData.from_payload(cache.get_or_compute(
-        "poisoned", poison_spec, lambda: poison_training_set(attack, pool).to_payload()))
+        "poisoned", poison_spec, lambda: poison_training_set(attack, pool, fit).to_payload()))
     train_idx, val_idx = stratified_holdout(poisoned.labels, preset.val_fraction, cfg.seed)
-    triggered = trigger_test_set(attack, test)
+    triggered = trigger_test_set(attack, test, fit)
     data_info = {
         "dataset": cfg.dataset, "n_full_train": len(full_train), "n_public_holdout": len(public_idx),
         "public_holdout": "stratified hold-out of the training set for the stand-in CLIP; the victim never sees it"
@@ -128,8 +140,10 @@ def prepare_data(cfg: RunConfig, preset: Preset, attack: AttackSpec, cache: Cach
         "n_poisoned_train": int(poisoned.poison_mask[train_idx].sum()),
         "n_cross_train": int(poisoned.cross_mask[train_idx].sum()),
     }
+    pool_positions = train_kept[victim_idx]
     return RunData(poisoned.subset(train_idx), poisoned.subset(val_idx), test, triggered, public_idx, attack,
-                   data_info)
+                   data_info, train_indices=pool_positions[train_idx], val_indices=pool_positions[val_idx],
+                   test_indices=test_kept)
 
 
 def build_model(preset: Preset, dataset: str, num_classes: int) -> Classifier:
@@ -196,16 +210,92 @@ def _json_safe(obj):
     return obj
 
 
+def save_split_artifacts(defense, split: Split, data: RunData, folder: Path) -> None:
+    """`split.pt`: the defense's split beside the ground truth it never saw (for analysis only), and
+    the defense's own figure of it when it draws one (`draw_split_figure(split, gt, path)`)."""
+    gt = {"poison_mask": data.train.poison_mask, "cross_mask": data.train.cross_mask,
+          "clean_label": data.attack.poisoning.clean_label, "attack": data.attack.name}
+    torch.save({"defense": defense.name, "split": split.to_payload(), "ground_truth": gt}, Path(folder) / "split.pt")
+    draw = getattr(defense, "draw_split_figure", None)
+    if draw is not None:
+        draw(split, gt, Path(folder) / "entropy_map.png")
+
+
+def defense_context(cfg: RunConfig, data: RunData, preset: Preset, cache: Cache,
+                    artifact_dir: Path | None) -> DefenseContext:
+    """What the harness lends a defense for the run `cfg` on `data` (see `DefenseContext`)."""
+    context = DefenseContext(dataset=cfg.dataset, classes=data.train.classes, preset=preset, cache=cache,
+                             seed=cfg.seed, device=cfg.device, clip=cfg.resolved_clip(), artifact_dir=artifact_dir)
+    context.extra["public_indices"] = data.public_indices
+    context.extra["data_root"] = cfg.data_root
+    context.oracle_clean_subset = lambda fraction: _oracle_clean_subset(data.train, fraction, cfg.seed)
+    context.report_poison_rate = lambda idx: float(data.train.poison_mask[torch.as_tensor(idx)].float().mean()) \
+        if len(idx) else float("nan")
+    return context
+
+
+def defend_and_evaluate(cfg: RunConfig, data: RunData, model: Classifier, model_key: str, cache: Cache,
+                        artifact_dir: Path, timer: StageTimer) -> tuple[dict, Classifier]:
+    """Evaluate `model` (the backdoored model, identified by `model_key` in cache specs), apply the
+    defense `cfg.defense` to it with `data`, evaluate the defended model. Returns the result fields
+    (metrics before and after, DER, the defense's parameters, info and split report) and the
+    defended model. `run` and the BackdoorBench plugin both go through here."""
+    from ..registry import create_defense, defense_entry  # deferred: imports defenses
+
+    preset = get_preset(cfg.preset)
+    defense = create_defense(cfg.defense, preset=cfg.preset, **cfg.defense_params)
+    entry = defense_entry(cfg.defense)
+    with timer("evaluate_backdoored"):
+        before = evaluate(model, data, preset, cfg.device)
+    context = defense_context(cfg, data, preset, cache, artifact_dir)
+    defense_spec = {"backdoored": model_key, "defense": cfg.defense, "params": defense.get_params(),
+                    "preset": cfg.preset, "seed": cfg.seed, "clip": cfg.resolved_clip(),
+                    "val": tensor_digest(data.val.images)}
+    with timer("defense"):
+        if cfg.defense == "none":
+            defended, split, defense_info = model, None, {}
+        else:
+            defended = copy.deepcopy(model)  # the architecture to load the defended weights into
+
+            def compute():
+                defense.fit(model, data.train.defender_view(), val_set=data.val.defender_view(), context=context)
+                split_ = getattr(defense, "split_", None)
+                return {"state_dict": {k: v.cpu() for k, v in defense.model_.net.state_dict().items()},
+                        "split": split_.to_payload() if split_ is not None else None,
+                        "info": json.loads(json.dumps(getattr(defense, "info_", {}), default=str)),
+                        "stage_times": dict(context.stage_times)}
+            payload = cache.get_or_compute("defended", defense_spec, compute)
+            defended.net.load_state_dict(payload["state_dict"])
+            defended.eval()
+            split = Split.from_payload(payload["split"]) if payload["split"] else None
+            defense_info = payload["info"]
+            timer.times.update({f"defense.{k}": v for k, v in payload["stage_times"].items()})
+    if split is not None and artifact_dir is not None:
+        save_split_artifacts(defense, split, data, artifact_dir)
+    with timer("evaluate"):
+        after = evaluate(defended, data, preset, cfg.device)
+    fields = {
+        **after,
+        "der": None if after["asr"] is None else defense_effectiveness_rating(
+            before["clean_acc"], before["asr"], after["clean_acc"], after["asr"]),
+        "no_defense": before,
+        "defense": cfg.defense, "threat_model": entry.threat_model,
+        "clip": cfg.resolved_clip() if entry.threat_model != "model-only" else None,
+        "defense_params": defense.get_params(), "defense_info": defense_info,
+        "split": _split_report(split, data.train) if split is not None else None,
+    }
+    return fields, defended
+
+
 def run(cfg: RunConfig, out_dir: str | os.PathLike | None = None) -> dict:
     """Run one (dataset, attack, defense, preset, seed) job; return the result and, if `out_dir` is
     given, write `out_dir/result.json` (and any defense figures) atomically at the end."""
-    from ..registry import create_attack, create_defense, defense_entry  # deferred: imports defenses
+    from ..registry import create_attack, create_defense  # deferred: imports defenses
 
     timer = StageTimer()
     preset = get_preset(cfg.preset)
     attack = create_attack(cfg.attack, **cfg.attack_overrides)
-    defense = create_defense(cfg.defense, preset=cfg.preset, **cfg.defense_params)
-    entry = defense_entry(cfg.defense)
+    create_defense(cfg.defense, preset=cfg.preset, **cfg.defense_params)  # fail on bad parameters before any work
     cache = Cache(cfg.cache_dir)
     staging = Path(tempfile.mkdtemp(prefix="cgd-run-"))  # moved into out_dir only when the run succeeded
     try:
@@ -214,47 +304,11 @@ def run(cfg: RunConfig, out_dir: str | os.PathLike | None = None) -> dict:
             data = prepare_data(cfg, preset, attack, cache)
         with timer("backdoor_training"):
             model, backdoor_key = backdoored_model(cfg, preset, data, cache)
-        with timer("evaluate_backdoored"):
-            before = evaluate(model, data, preset, cfg.device)
-        context = DefenseContext(dataset=cfg.dataset, classes=data.train.classes, preset=preset, cache=cache,
-                                 seed=cfg.seed, device=cfg.device, clip=cfg.resolved_clip(), artifact_dir=staging)
-        context.extra["public_indices"] = data.public_indices
-        context.extra["data_root"] = cfg.data_root
-        context.oracle_clean_subset = lambda fraction: _oracle_clean_subset(data.train, fraction, cfg.seed)
-        context.report_poison_rate = lambda idx: float(data.train.poison_mask[torch.as_tensor(idx)].float().mean()) \
-            if len(idx) else float("nan")
-        defense_spec = {"backdoored": backdoor_key, "defense": cfg.defense, "params": defense.get_params(),
-                        "preset": cfg.preset, "seed": cfg.seed, "clip": cfg.resolved_clip(),
-                        "val": tensor_digest(data.val.images)}
-        with timer("defense"):
-            if cfg.defense == "none":
-                defended, split, defense_info = model, None, {}
-            else:
-                def compute():
-                    defense.fit(model, data.train.defender_view(), val_set=data.val.defender_view(), context=context)
-                    split_ = getattr(defense, "split_", None)
-                    return {"state_dict": {k: v.cpu() for k, v in defense.model_.net.state_dict().items()},
-                            "split": split_.to_payload() if split_ is not None else None,
-                            "info": json.loads(json.dumps(getattr(defense, "info_", {}), default=str)),
-                            "stage_times": dict(context.stage_times)}
-                payload = cache.get_or_compute("defended", defense_spec, compute)
-                defended = build_model(preset, cfg.dataset, len(data.train.classes))
-                defended.net.load_state_dict(payload["state_dict"])
-                split = Split.from_payload(payload["split"]) if payload["split"] else None
-                defense_info = payload["info"]
-                timer.times.update({f"defense.{k}": v for k, v in payload["stage_times"].items()})
-        with timer("evaluate"):
-            after = evaluate(defended, data, preset, cfg.device)
+        fields, _ = defend_and_evaluate(cfg, data, model, backdoor_key, cache, staging, timer)
         result: dict[str, Any] = {
-            **after,
-            "der": None if after["asr"] is None else defense_effectiveness_rating(
-                before["clean_acc"], before["asr"], after["clean_acc"], after["asr"]),
-            "no_defense": before,
-            "attack": attack.name, "attack_family": attack.family, "defense": cfg.defense,
-            "threat_model": entry.threat_model, "dataset": cfg.dataset, "preset": cfg.preset, "seed": cfg.seed,
-            "model": preset.model, "clip": cfg.resolved_clip() if entry.threat_model != "model-only" else None,
-            "defense_params": defense.get_params(), "defense_info": defense_info,
-            "split": _split_report(split, data.train) if split is not None else None,
+            **fields,
+            "attack": attack.name, "attack_family": attack.family, "dataset": cfg.dataset, "preset": cfg.preset,
+            "seed": cfg.seed, "model": preset.model,
             "data": data.info,
             "stage_times": timer.times,
             "cache": {"hits": cache.hits, "misses": cache.misses},
@@ -265,11 +319,16 @@ def run(cfg: RunConfig, out_dir: str | os.PathLike | None = None) -> dict:
         result["stage_times"]["total"] = round(time.perf_counter() - t_total, 3)
         result = _json_safe(result)
         if out_dir:
-            atomic_write_text(staging / "result.json", json.dumps(result, indent=2))
-            out = Path(out_dir)
-            out.mkdir(parents=True, exist_ok=True)
-            for f in staging.iterdir():
-                shutil.move(str(f), str(out / f.name))
+            write_run_folder(result, staging, out_dir)
         return result
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_run_folder(result: dict, staging: Path, out_dir: str | os.PathLike) -> None:
+    """Write `result.json` into `staging`, then move everything staged into `out_dir`."""
+    atomic_write_text(staging / "result.json", json.dumps(result, indent=2))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in staging.iterdir():
+        shutil.move(str(f), str(out / f.name))

@@ -1,0 +1,230 @@
+"""What each poisoned-data defense costs: CGD, ABL, DBD and ASD on the same cached poisoned set and
+backdoored model, wall time and peak memory side by side (the CGD paper claims CGD is far cheaper;
+the project's target on this CPU is CGD <= 0.2x ASD's and <= 0.1x DBD's wall time).
+
+    python bench/defense_cost.py --data-root ~/data/cifar10                      # quick preset, badnets + sig
+    python bench/defense_cost.py --data-root ../shared/data/cifar10-mini --preset smoke --defenses abl asd
+
+Each defense runs in a subprocess of its own, so its peak resident memory is its own: the worker
+loads the data and the backdoored model, resets the kernel's peak-RSS mark, runs `fit`, and reads
+the mark again. What it reports:
+- `wall_s`: `fit` alone, with the per-stage times the defense records (`stage_times`);
+- `peak_rss_mb`: the process's peak during `fit` (data and model included); `extra_rss_mb`: that
+  peak minus the resident size just before `fit`, i.e. what the defense itself added.
+The poisoned sets, backdoored models and the stand-in CLIP (the price of having no pretrained CLIP
+here, not part of CGD) come from `--cache-dir`, prepared first by the parent; every intermediate a
+defense computes (CLIP image features, suspicious model, SimCLR backbone, ...) is recomputed, never
+read from a cache. Prints a table, writes bench/results/defense_cost_<preset>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# Cache kinds a worker may read: the benchmark's fixed inputs. Everything else is computed afresh.
+SHARED_KINDS = {"decoded", "poisoned", "backdoored", "clip_standin"}
+
+
+def _rss_mb(field: str) -> float | None:
+    """VmRSS / VmHWM of this process from /proc (Linux), in MiB."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark of this process (Linux >= 4.0: `5 > /proc/self/clear_refs`)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def worker(args) -> dict:
+    """Run one defense on one attack's cached poisoned set and backdoored model; return its costs."""
+    import torch
+
+    from cgd_defense.harness.cache import Cache
+    from cgd_defense.harness.pipeline import (RunConfig, backdoored_model, defense_context, evaluate,
+                                              prepare_data)
+    from cgd_defense.harness.presets import get_preset
+    from cgd_defense.registry import create_attack, create_defense
+
+    class BenchCache(Cache):
+        """The shared cache for the benchmark's inputs; a pass-through for everything else."""
+
+        def get_or_compute(self, kind, spec, compute):
+            if kind in SHARED_KINDS:
+                return super().get_or_compute(kind, spec, compute)
+            self.misses.append(kind)
+            return compute()
+
+    cfg = RunConfig(dataset=args.dataset, data_root=args.data_root, attack=args.attack, defense=args.defense,
+                    preset=args.preset, seed=args.seed, device=args.device, cache_dir=args.cache_dir)
+    preset = get_preset(cfg.preset)
+    cache = BenchCache(cfg.cache_dir)
+    data = prepare_data(cfg, preset, create_attack(cfg.attack), cache)
+    model, _ = backdoored_model(cfg, preset, data, cache)
+    defense = create_defense(cfg.defense, preset=cfg.preset)
+    with tempfile.TemporaryDirectory(prefix="defense-cost-") as artifacts:
+        context = defense_context(cfg, data, preset, cache, Path(artifacts))
+        train_view, val_view = data.train.defender_view(), data.val.defender_view()
+        rss_before = _rss_mb("VmRSS")
+        peak_reset = _reset_peak_rss()
+        t0 = time.perf_counter()
+        defense.fit(model, train_view, val_set=val_view, context=context)
+        wall = time.perf_counter() - t0
+        peak = _rss_mb("VmHWM") if peak_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    metrics = evaluate(defense.model_, data, preset, cfg.device)
+    return {"attack": cfg.attack, "defense": cfg.defense, "preset": cfg.preset, "wall_s": round(wall, 2),
+            "stage_times": dict(context.stage_times), "peak_rss_mb": round(peak, 1),
+            "extra_rss_mb": round(peak - rss_before, 1) if rss_before is not None else None,
+            "peak_scope": "fit" if peak_reset else "process lifetime (clear_refs unavailable)",
+            "n_train": len(train_view), "threads": torch.get_num_threads(),
+            "clean_acc": metrics["clean_acc"], "asr": metrics["asr"], "params": defense.get_params()}
+
+
+def prepare_inputs(args) -> dict:
+    """Poison, train the victim and (for CGD) the stand-in CLIP once, into the shared cache."""
+    from cgd_defense.harness.cache import Cache
+    from cgd_defense.harness.pipeline import RunConfig, backdoored_model, prepare_data
+    from cgd_defense.harness.presets import get_preset
+    from cgd_defense.registry import create_attack
+
+    times = {}
+    cache = Cache(args.cache_dir)
+    preset = get_preset(args.preset)
+    for attack in args.attacks:
+        cfg = RunConfig(dataset=args.dataset, data_root=args.data_root, attack=attack, preset=args.preset,
+                        seed=args.seed, device=args.device, cache_dir=args.cache_dir)
+        t0 = time.perf_counter()
+        backdoored_model(cfg, preset, prepare_data(cfg, preset, create_attack(attack), cache), cache)
+        times[f"inputs.{attack}"] = round(time.perf_counter() - t0, 1)
+    if "cgd" in args.defenses:
+        cfg = RunConfig(dataset=args.dataset, data_root=args.data_root, preset=args.preset, cache_dir=args.cache_dir)
+        if cfg.resolved_clip().startswith("standin:"):
+            from cgd_defense.clip import load_clip  # only CGD needs a CLIP
+
+            t0 = time.perf_counter()
+            load_clip(cfg.resolved_clip(), dataset=args.dataset, data_root=args.data_root, cache=cache,
+                      device=args.device)
+            times["inputs.clip_standin"] = round(time.perf_counter() - t0, 1)
+    return times
+
+
+def run_worker(args, attack: str, defense: str) -> dict:
+    cmd = [sys.executable, __file__, "--worker", "--attack", attack, "--defense", defense, "--preset", args.preset,
+           "--dataset", args.dataset, "--seed", str(args.seed), "--cache-dir", args.cache_dir]
+    for flag, value in (("--data-root", args.data_root), ("--device", args.device)):
+        if value:
+            cmd += [flag, value]
+    env = {**os.environ, "CGD_PROGRESS": os.environ.get("CGD_PROGRESS", "0")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        return {"attack": attack, "defense": defense, "error": " | ".join(tail) or f"exit {proc.returncode}"}
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def print_table(rows: list[dict]) -> None:
+    head = f"{'attack':<10} {'defense':<8} {'wall s':>8} {'peak MiB':>9} {'+MiB':>7} {'CA':>6} {'ASR':>6}  stages (s)"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['attack']:<10} {r['defense']:<8} FAILED: {r['error']}")
+            continue
+        stages = ", ".join(f"{k} {v:.1f}" for k, v in r["stage_times"].items())
+        asr = f"{r['asr']:.3f}" if r["asr"] is not None else "-"
+        print(f"{r['attack']:<10} {r['defense']:<8} {r['wall_s']:>8.1f} {r['peak_rss_mb']:>9.0f} "
+              f"{r['extra_rss_mb'] if r['extra_rss_mb'] is not None else float('nan'):>7.0f} {r['clean_acc']:>6.3f} "
+              f"{asr:>6}  {stages}")
+
+
+def ratios(rows: list[dict]) -> dict:
+    """CGD's wall time over each other defense's, per attack (the target: <= 0.2 vs ASD, <= 0.1 vs DBD)."""
+    out = {}
+    walls = {(r["attack"], r["defense"]): r["wall_s"] for r in rows if "error" not in r}
+    for attack in sorted({a for a, _ in walls}):
+        cgd = walls.get((attack, "cgd"))
+        if cgd is None:
+            continue
+        out[attack] = {f"cgd/{d}": round(cgd / w, 3) for (a, d), w in walls.items()
+                       if a == attack and d != "cgd" and w > 0}
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-root", default=os.environ.get("CGD_DATA_ROOT"))
+    parser.add_argument("--dataset", default="cifar10")
+    parser.add_argument("--preset", default="quick")
+    parser.add_argument("--attacks", nargs="+", default=["badnets", "sig"])
+    parser.add_argument("--defenses", nargs="+", default=["cgd", "abl", "dbd", "asd"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--cache-dir", default=None, help="shared cache of poisoned sets and victims "
+                                                          "(default: $CGD_CACHE_DIR or ~/.cache/cgd-bench)")
+    parser.add_argument("--out", default=None, help="JSON path (default: bench/results/defense_cost_<preset>.json)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--attack", help=argparse.SUPPRESS)
+    parser.add_argument("--defense", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.cache_dir is None:
+        from cgd_defense.config import default_cache_dir
+
+        args.cache_dir = str(default_cache_dir())
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args)), flush=True)
+        return
+
+    from cgd_defense.harness.provenance import git_commit, machine, package_versions
+    from cgd_defense.registry import is_defense
+
+    missing = [d for d in args.defenses if not is_defense(d)]
+    if missing:
+        parser.error(f"unknown defense(s) {missing}")
+    t0 = time.perf_counter()
+    input_times = prepare_inputs(args)
+    rows = []
+    for attack in args.attacks:
+        for defense in args.defenses:
+            rows.append(run_worker(args, attack, defense))
+            r = rows[-1]
+            print(f"  {attack}/{defense}: " + (f"{r['wall_s']:.1f} s" if "error" not in r else "FAILED"), flush=True)
+    print()
+    print_table(rows)
+    summary = ratios(rows)
+    for attack, r in summary.items():
+        print(f"{attack}: " + ", ".join(f"{k} = {v:.3f}" for k, v in r.items()))
+    out = Path(args.out) if args.out else RESULTS / f"defense_cost_{args.preset}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "preset": args.preset, "dataset": args.dataset, "seed": args.seed, "rows": rows, "cgd_ratios": summary,
+        "input_times_s": input_times, "total_s": round(time.perf_counter() - t0, 1),
+        "machine": machine(), "platform": platform.platform(), "versions": package_versions(),
+        "git_commit": git_commit(),
+    }, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

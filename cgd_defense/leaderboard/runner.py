@@ -1,0 +1,323 @@
+"""Running a grid: the driver, its scheduling, and the local process-pool backend.
+
+- Only the driver writes: the results database (one transaction per state change) and the run
+  folders (the worker returns its files' bytes). Workers can therefore live on other machines.
+- Resume: a job whose row says `done` is never run again; `failed` ones only with `retry_failed`;
+  `running` rows are what a killed driver left behind and run again.
+- Sharing cached stages: jobs run in grid order (all defenses of one attack and seed together), and
+  with several workers the first job of each (dataset, attack, seed) group runs alone before the
+  rest of its group starts, so the poisoned set and backdoored model are computed once and every
+  later job of the group reads them from the pipeline's cache.
+- Each local job runs in a fresh worker process (forked from a server that has already imported
+  torch and the pipeline), so its peak RSS is its own, a crash or out-of-memory kill fails only the
+  job, and a worker whose driver was killed exits instead of computing a result no one records.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import re
+import resource
+import socket
+import tempfile
+import threading
+import time
+import traceback
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor
+from concurrent.futures import wait as wait_futures
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from ..harness.cache import atomic_write_bytes
+from ..harness.trainer import progress_enabled
+from .db import ResultsDB
+from .grid import GridError, GridPlan, Job
+
+RUN_FILE_LIMIT = 32 << 20  # bytes of run-folder files (figures) a worker sends back per job
+FAILURES_LISTED = 20
+
+
+def execute_job(run_config: dict, torch_threads: int | None = None) -> dict:
+    """Run one job in this (worker) process and return its outcome as plain data: the result
+    dict, the run folder's files as bytes, and this process's peak memory. Never raises for a
+    failing job: the error and its traceback are part of the outcome."""
+    import torch
+
+    from ..harness.pipeline import RunConfig, run
+
+    os.environ["CGD_PROGRESS"] = "0"  # the grid's bar is the one progress bar
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    outcome: dict[str, Any] = {"host": socket.gethostname(), "files": {}}
+    try:
+        with tempfile.TemporaryDirectory(prefix="cgd-job-") as tmp:
+            outcome["result"] = run(RunConfig(**run_config), tmp)
+            for path in sorted(Path(tmp).iterdir()):
+                if path.is_file() and path.name != "result.json" and path.stat().st_size <= RUN_FILE_LIMIT:
+                    outcome["files"][path.name] = path.read_bytes()
+        outcome["ok"] = True
+    except Exception as exc:  # noqa: BLE001 - any failure of the job is recorded, the grid goes on
+        outcome.update(ok=False, error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}")
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # this process ran this job alone
+    outcome["peak_rss_mb"] = round(usage.ru_maxrss / 1024, 1)  # KiB on Linux
+    outcome["cpu_s"] = round(usage.ru_utime + usage.ru_stime, 1)  # CPU seconds: the cost on a shared machine
+    outcome["peak_gpu_mb"] = (round(torch.cuda.max_memory_allocated() / 2**20, 1)
+                              if torch.cuda.is_available() and torch.cuda.is_initialized() else None)
+    return outcome
+
+
+# ---------------------------------------------------------------------------------------------- backends
+
+class Backend(Protocol):
+    capacity: int  # jobs in flight at once
+
+    def submit(self, job: Job, run_config: dict) -> Any: ...
+
+    def wait(self, handles: list) -> list[tuple[Any, dict]]:
+        """Block until at least one handle finished; return (handle, outcome) for each finished one."""
+
+    def close(self, abort: bool = False) -> None:
+        """Release the workers; `abort`: the grid stopped early, stop running jobs too."""
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a killed, not yet reaped driver is a zombie
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: ask the kernel whether the pid exists
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+
+def _exit_when_driver_dies(driver_pid: int) -> None:
+    # The worker's parent is the fork server, which outlives the driver as long as any worker runs
+    # (each holds the server's keep-alive pipe), so the driver itself is watched.
+    while _process_alive(driver_pid):
+        time.sleep(1.0)
+    os._exit(3)
+
+
+def _init_local_worker(driver_pid: int) -> None:
+    threading.Thread(target=_exit_when_driver_dies, args=(driver_pid,), daemon=True).start()
+
+
+class LocalBackend:
+    """`workers` jobs at a time, each in a fresh process; torch threads split among them."""
+
+    def __init__(self, workers: int = 1):
+        self.capacity = max(1, workers)
+        self.threads = max(1, (os.cpu_count() or 1) // self.capacity) if self.capacity > 1 else None
+        self._ctx = multiprocessing.get_context("forkserver")
+        self._ctx.set_forkserver_preload(["torch", "cgd_defense.harness.pipeline", __name__])
+        self._pool = self._new_pool()
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(max_workers=self.capacity, mp_context=self._ctx, max_tasks_per_child=1,
+                                   initializer=_init_local_worker, initargs=(os.getpid(),))
+
+    def submit(self, job: Job, run_config: dict) -> Future:
+        return self._pool.submit(execute_job, run_config, self.threads)
+
+    def wait(self, handles: list) -> list[tuple[Any, dict]]:
+        done, _ = wait_futures(handles, return_when=FIRST_COMPLETED)
+        out, broken = [], False
+        for fut in done:
+            try:
+                out.append((fut, fut.result()))
+            except BrokenProcessPool as exc:
+                broken = True
+                out.append((fut, {"ok": False, "error": f"the worker process died while this job ran (killed, or "
+                                                        f"out of memory?): {exc}"}))
+        if broken:  # a dead worker breaks the whole pool: start a new one for the remaining jobs
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = self._new_pool()
+        return out
+
+    def close(self, abort: bool = False) -> None:
+        if not abort:
+            self._pool.shutdown(wait=True)
+            return
+        # A stopped grid (Ctrl-C, error) leaves no worker computing a result no one records. The pool
+        # has no public way to stop running tasks, so its worker processes are terminated directly,
+        # and not waited for (a worker killed while holding the task queue's lock would block a join).
+        for proc in list((getattr(self._pool, "_processes", None) or {}).values()):
+            proc.terminate()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+@dataclass
+class GridRunSummary:
+    grid: str
+    total: int
+    already_done: int
+    ran: int = 0
+    succeeded: int = 0
+    failed: list[str] = field(default_factory=list)
+    skipped_unregistered: int = 0
+    kept_failed: int = 0
+    repeated_interrupted: int = 0
+    elapsed_s: float = 0.0
+    job_seconds: list[float] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        out = [f"grid {self.grid}: {self.total} job(s); {self.already_done} already finished, ran {self.ran} "
+               f"({self.succeeded} done, {len(self.failed)} failed) in {self.elapsed_s:.0f} s"]
+        if self.repeated_interrupted:
+            out.append(f"repeated {self.repeated_interrupted} job(s) interrupted in an earlier run")
+        if self.skipped_unregistered:
+            out.append(f"{self.skipped_unregistered} job(s) recorded as skipped: attack or defense not registered")
+        if self.kept_failed:
+            out.append(f"{self.kept_failed} job(s) failed earlier and were not retried (use --retry-failed)")
+        out.extend(f"failed: {name}" for name in self.failed[:FAILURES_LISTED])
+        if len(self.failed) > FAILURES_LISTED:
+            out.append(f"... and {len(self.failed) - FAILURES_LISTED} more failed jobs (see `cgd-bench grid show`)")
+        return out
+
+
+def _run_dir_name(job: Job) -> str:
+    parts = [job.dataset, job.attack_label, job.defense_label] + ([job.clip] if job.clip else []) + \
+            [f"s{job.seed}", job.key[:10]]
+    return re.sub(r"[^A-Za-z0-9_.=,+-]+", "-", "__".join(parts))
+
+
+def _write_run_dir(run_dir: Path, outcome: dict) -> None:
+    for name, data in outcome.get("files", {}).items():
+        atomic_write_bytes(run_dir / name, data)
+    atomic_write_bytes(run_dir / "result.json", json.dumps(outcome["result"], indent=2).encode())
+
+
+class _Scheduler:
+    """Hands out jobs in grid order; a group's first job runs alone before the rest of its group."""
+
+    def __init__(self, jobs: list[Job]):
+        self.queue = list(jobs)
+        self.leader_running: set[tuple] = set()
+        self.opened: set[tuple] = set()
+
+    def next(self) -> Job | None:
+        for i, job in enumerate(self.queue):
+            group = job.stage_group
+            if group in self.opened:
+                return self.queue.pop(i)
+            if group not in self.leader_running:
+                self.leader_running.add(group)
+                return self.queue.pop(i)
+        return None
+
+    def finished(self, job: Job) -> None:
+        group = job.stage_group
+        self.leader_running.discard(group)
+        self.opened.add(group)
+
+
+def unregistered_error(plan: GridPlan) -> GridError:
+    names = plan.unregistered_names
+    n_jobs = len(plan.jobs) - len(plan.runnable)
+    return GridError(f"grid '{plan.spec.name}' lists names that are not registered: {', '.join(names)} "
+                     f"({n_jobs} of {len(plan.jobs)} jobs). Register them, remove them from {plan.source}, or "
+                     f"pass --skip-unregistered to record those jobs as skipped")
+
+
+def run_grid(plan: GridPlan, db: ResultsDB, *, backend: str = "local", workers: int = 1,
+             retry_failed: bool = False, skip_unregistered: bool = False, data_root: str | None = None,
+             cache_dir: str | None = None, device: str | None = None, runs_dir: str | os.PathLike | None = None,
+             address: str | None = None, cpus_per_job: float | None = None, gpus_per_job: float | None = None,
+             ray_num_cpus: int | None = None) -> GridRunSummary:
+    """Run every unfinished job of `plan`, recording each in `db` as it finishes."""
+    if plan.unregistered_names and not skip_unregistered:
+        raise unregistered_error(plan)
+    grid = plan.spec.name
+    runs_root = Path(runs_dir).expanduser() if runs_dir else db.path.parent / "runs"
+    db.register(grid, plan.jobs)
+    status = db.statuses(j.key for j in plan.jobs)
+    summary = GridRunSummary(grid=grid, total=len(plan.jobs), already_done=0)
+    to_run = []
+    for job in plan.jobs:
+        state = status.get(job.key, "pending")
+        if job.unregistered:
+            db.mark_skipped(job.key, "not registered: " + ", ".join(job.unregistered))
+            summary.skipped_unregistered += 1
+        elif state == "done":
+            summary.already_done += 1
+        elif state == "failed" and not retry_failed:
+            summary.kept_failed += 1
+        else:
+            summary.repeated_interrupted += state == "running"
+            to_run.append(job)
+
+    if not to_run:
+        return summary
+    if backend == "local" or address is None:  # the data is on this machine: check it before any job starts
+        from ..data.datasets import locate
+
+        for dataset in plan.spec.datasets:
+            locate(dataset, data_root)
+    if backend == "local":
+        executor: Backend = LocalBackend(workers)
+    elif backend == "ray":
+        from .ray_backend import RayBackend
+
+        resources = plan.spec.resources
+        executor = RayBackend(address=address, cpus_per_job=cpus_per_job or resources.cpus,
+                              gpus_per_job=gpus_per_job if gpus_per_job is not None else resources.gpus,
+                              max_in_flight=workers if workers > 1 else None, num_cpus=ray_num_cpus)
+    else:
+        raise GridError(f"unknown backend '{backend}': use local or ray")
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(plan.jobs), initial=len(plan.jobs) - len(to_run), desc=f"grid {grid}", unit="job",
+               disable=not progress_enabled(), dynamic_ncols=True)
+    scheduler = _Scheduler(to_run)
+    in_flight: dict[Any, Job] = {}
+    t0 = time.perf_counter()
+    aborted = True
+    try:
+        while scheduler.queue or in_flight:
+            while len(in_flight) < executor.capacity and (job := scheduler.next()) is not None:
+                db.mark_running(job.key)
+                cfg = job.run_config(data_root=data_root, cache_dir=cache_dir, device=device)
+                in_flight[executor.submit(job, cfg.model_dump(mode="json"))] = job
+                bar.set_postfix_str(job.describe(), refresh=True)
+            for handle, outcome in executor.wait(list(in_flight)):
+                job = in_flight.pop(handle)
+                scheduler.finished(job)
+                _record(db, job, outcome, runs_root / grid, summary, bar.write)
+                bar.update(1)
+        aborted = False
+    except BaseException:
+        db.mark_pending(job.key for job in in_flight.values())
+        raise
+    finally:
+        bar.close()
+        executor.close(abort=aborted)
+        summary.elapsed_s = time.perf_counter() - t0
+    return summary
+
+
+def _record(db: ResultsDB, job: Job, outcome: dict, runs_root: Path, summary: GridRunSummary,
+            note: Callable[[str], None]) -> None:
+    summary.ran += 1
+    if outcome.get("ok"):
+        run_dir = runs_root / _run_dir_name(job)
+        _write_run_dir(run_dir, outcome)
+        db.record_result(job.key, outcome["result"], peak_rss_mb=outcome.get("peak_rss_mb"),
+                         peak_gpu_mb=outcome.get("peak_gpu_mb"), cpu_s=outcome.get("cpu_s"), host=outcome.get("host"),
+                         run_dir=str(run_dir))
+        summary.succeeded += 1
+        summary.job_seconds.append((outcome["result"].get("stage_times") or {}).get("total") or 0.0)
+    else:
+        error = outcome.get("error") or "unknown error"
+        db.record_failure(job.key, error, peak_rss_mb=outcome.get("peak_rss_mb"), host=outcome.get("host"))
+        summary.failed.append(f"{job.describe()}: {error.splitlines()[0]}")
+        note(f"job failed: {job.describe()}: {error.splitlines()[0]}")

@@ -1,0 +1,68 @@
+"""Stand-in CLIP training: the caption-contrastive loss, weak subsets, and a backdoored stand-in."""
+from __future__ import annotations
+
+import torch
+
+from cgd_defense.attacks.poison import apply_components, poison_training_set
+from cgd_defense.clip.factory import clip_from_standin_payload, parse_clip_spec
+from cgd_defense.clip.standin import (StandinPool, StandinRecipe, caption_bank, caption_contrastive_loss,
+                                      recipe_for, train_standin)
+from cgd_defense.clip.zeroshot import clear_memo, zero_shot_logits
+from cgd_defense.data import ImageData
+from cgd_defense.harness.trainer import Batch, TrainConfig
+from cgd_defense.registry import create_attack
+
+CLASSES = ["airplane", "automobile", "bird", "cat"]
+
+
+def _coloured(n_per_class: int, seed: int) -> ImageData:
+    """Noise images whose class is a colour cast: learnable in a few steps."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(len(CLASSES)).repeat(n_per_class)
+    images = torch.randint(0, 120, (len(labels), 3, 32, 32), dtype=torch.uint8, generator=g)
+    for c in range(3):
+        images[labels == c + 1, c] += 100
+    return ImageData(images, labels, CLASSES)
+
+
+def test_caption_contrastive_loss_is_low_when_images_match_their_captions():
+    y = torch.tensor([0, 0, 1, 2])
+    matching = torch.full((4, 3), -10.0)
+    matching[torch.arange(4), y] = 10.0
+    batch = Batch(torch.zeros(4, 3, 2, 2), y, torch.arange(4))
+    assert caption_contrastive_loss(matching, batch) < 0.75  # two equal positives for caption 0: log 2 / 2
+    assert caption_contrastive_loss(-matching, batch) > 10
+
+
+def test_small_pools_get_the_small_recipe():
+    assert recipe_for(1000).arch == "cgd-standin-small" and recipe_for(10_000).arch == "cgd-standin"
+
+
+def test_backdoored_stand_in_maps_triggered_images_to_the_target():
+    attack = create_attack("badnets", **{"poisoning.ratio": 0.3})
+    pool = poison_training_set(attack, _coloured(48, seed=0))
+    assert int(pool.poison_mask.sum()) == round(0.3 * 192)
+    standin_pool = StandinPool(pool.images, pool.labels, caption_bank("cifar10", CLASSES, CLASSES), {})
+    recipe = StandinRecipe(arch="cgd-standin-tiny", min_steps=80,
+                           train=TrainConfig(epochs=1, batch_size=64, optimizer="adam", lr=2e-3, crop_padding=0,
+                                             flip=False))
+    payload = train_standin(standin_pool, "cifar10", recipe)
+    clip = clip_from_standin_payload(payload, "standin:test:backdoored-badnets", torch.device("cpu"),
+                                     {"kind": "stand-in", "label": "stand-in CLIP"})
+    clear_memo()
+    test = _coloured(20, seed=1)
+    non_target = test.subset(torch.nonzero(test.labels != attack.poisoning.target).flatten())
+    triggered = apply_components(attack.components(32, train=False), non_target.images,
+                                 torch.arange(len(non_target)), train=False)
+    target = attack.poisoning.target
+
+    def target_probability(images):
+        logits = zero_shot_logits(clip, images, "cifar10", CLASSES)
+        return torch.softmax(clip.logit_scale * logits, dim=1)[:, target].mean().item()
+
+    clean_p, triggered_p = target_probability(non_target.images), target_probability(triggered)
+    assert triggered_p > clean_p + 0.2, (clean_p, triggered_p)
+
+
+def test_weak_variant_parses_to_images_per_class():
+    assert parse_clip_spec("standin:cifar10:weak-10").weak_per_class == 10

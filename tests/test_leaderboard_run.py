@@ -1,0 +1,186 @@
+"""Running a grid end to end on cifar10-mini at the smoke preset: results database, progress bar,
+resume after a real SIGKILL, failed jobs and --retry-failed, skipped unregistered names, several
+local workers, and the Ray backend. The grid is the smoke grid cut down to the no-attack case and
+BadNets without defense (2 jobs): its two backdoored models are trained once by the first test and
+read from the session cache by every later run."""
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cgd_defense.config import PROJECT_ROOT
+from cgd_defense.leaderboard.db import ResultsDB
+from cgd_defense.leaderboard.grid import GRIDS_DIR, load_plan
+from cgd_defense.leaderboard.runner import run_grid
+
+
+def cli(*args, env=None, **kwargs):
+    return subprocess.run([sys.executable, "-m", "cgd_defense.cli", *args], capture_output=True, text=True,
+                          cwd=PROJECT_ROOT, env={**os.environ, "CGD_PROGRESS": "0", **(env or {})}, timeout=1800,
+                          **kwargs)
+
+
+def job_rows(db_path) -> dict[str, dict]:
+    with sqlite3.connect(db_path) as conn:
+        conn.row_factory = sqlite3.Row
+        return {r["attack"]: dict(r) for r in conn.execute("SELECT * FROM jobs")}
+
+
+@pytest.fixture(scope="module")
+def tiny_grid(tmp_path_factory) -> Path:
+    smoke = yaml.safe_load((GRIDS_DIR / "smoke.yaml").read_text())
+    smoke.update(name="tiny", attacks=["clean", "badnets"], defenses=["none"])
+    path = tmp_path_factory.mktemp("grid") / "tiny.yaml"
+    path.write_text(yaml.safe_dump(smoke))
+    return path
+
+
+@pytest.fixture(scope="module")
+def first_run(tiny_grid, mini_root, session_cache_dir, tmp_path_factory):
+    db = tmp_path_factory.mktemp("db") / "results.sqlite"
+    proc = cli("grid", "run", str(tiny_grid), "--db", str(db), "--data-root", str(mini_root),
+               "--cache-dir", str(session_cache_dir), env={"CGD_PROGRESS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return db, proc
+
+
+def test_grid_run_records_one_complete_row_per_job(first_run):
+    db, proc = first_run
+    rows = job_rows(db)
+    assert set(rows) == {"clean", "badnets"} and {r["status"] for r in rows.values()} == {"done"}
+    bad = rows["badnets"]
+    assert bad["asr"] > 0.5 and bad["der"] == 0.5 and bad["nd_asr"] == bad["asr"]
+    assert rows["clean"]["asr"] is None and rows["clean"]["clean_acc"] > 0.25
+    assert json.loads(bad["stage_times_json"])["backdoor_training"] >= 0 and bad["total_s"] > 0
+    assert bad["peak_rss_mb"] > 100  # the worker's own ru_maxrss
+    assert bad["git_commit"] and "torch" in json.loads(bad["versions_json"])
+    config = json.loads(bad["config_json"])
+    assert config["attack"]["name"] == "badnets" and config["preset"]["name"] == "smoke"
+    result = json.loads((Path(bad["run_dir"]) / "result.json").read_text())  # the driver wrote the run folder
+    assert result["asr"] == bad["asr"]
+    assert "grid tiny" in proc.stderr and "2/2" in proc.stderr  # one bar over the grid
+    assert "ran 2 (2 done, 0 failed)" in proc.stdout
+
+
+def test_rerun_skips_finished_jobs(first_run, tiny_grid, mini_root, session_cache_dir):
+    db, _ = first_run
+    before = job_rows(db)
+    proc = cli("grid", "run", str(tiny_grid), "--db", str(db), "--data-root", str(mini_root),
+               "--cache-dir", str(session_cache_dir))
+    assert proc.returncode == 0 and "2 already finished, ran 0" in proc.stdout
+    assert job_rows(db) == before
+
+
+def _session_processes(sid: int) -> list[int]:
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":  # fields after the name: state, ppid, pgrp, session
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def test_sigkill_loses_nothing_finished_and_repeats_only_the_interrupted_job(
+        first_run, tiny_grid, mini_root, session_cache_dir, tmp_path):
+    db = tmp_path / "results.sqlite"
+    args = [sys.executable, "-m", "cgd_defense.cli", "grid", "run", str(tiny_grid), "--db", str(db),
+            "--data-root", str(mini_root), "--cache-dir", str(session_cache_dir)]
+    driver = subprocess.Popen(args, cwd=PROJECT_ROOT, env={**os.environ, "CGD_PROGRESS": "0"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 900
+        while time.time() < deadline and driver.poll() is None:
+            rows = job_rows(db) if db.exists() else {}
+            if rows.get("clean", {}).get("status") == "done" and rows.get("badnets", {}).get("status") == "running":
+                os.kill(driver.pid, signal.SIGKILL)  # in the middle of the second job
+                break
+            time.sleep(0.02)
+        driver.wait(timeout=60)
+        assert driver.returncode == -signal.SIGKILL, "the driver finished before it could be killed mid-job"
+        killed = job_rows(db)
+        assert killed["clean"]["status"] == "done" and killed["badnets"]["status"] == "running"
+        for _ in range(100):  # the orphaned worker notices its driver is gone and exits
+            if not _session_processes(driver.pid):
+                break
+            time.sleep(0.1)
+        assert _session_processes(driver.pid) == []
+    finally:
+        for pid in _session_processes(driver.pid):
+            os.kill(pid, signal.SIGKILL)
+
+    proc = cli("grid", "run", str(tiny_grid), "--db", str(db), "--data-root", str(mini_root),
+               "--cache-dir", str(session_cache_dir))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1 already finished, ran 1" in proc.stdout and "repeated 1 job(s) interrupted" in proc.stdout
+    after = job_rows(db)
+    assert after["clean"] == killed["clean"]  # the finished job is untouched: not repeated
+    assert after["badnets"]["status"] == "done" and after["badnets"]["attempts"] == 2
+    assert after["badnets"]["asr"] == job_rows(first_run[0])["badnets"]["asr"]
+
+
+def test_missing_data_is_refused_before_any_job_starts(tiny_grid, tmp_path):
+    proc = cli("grid", "run", str(tiny_grid), "--db", str(tmp_path / "r.sqlite"), "--data-root",
+               str(tmp_path / "nowhere"))
+    assert proc.returncode == 2 and "no CIFAR-10 data found" in proc.stderr
+    assert ResultsDB(tmp_path / "r.sqlite").statuses(j.key for j in load_plan(tiny_grid).jobs) == {
+        j.key: "pending" for j in load_plan(tiny_grid).jobs}
+
+
+def test_failed_jobs_are_recorded_and_retried_on_request(first_run, tiny_grid, mini_root, session_cache_dir, tmp_path):
+    broken = tmp_path / "broken"  # looks like CIFAR-10 image folders, but holds one class: jobs fail when loading
+    for split in ("train", "test"):
+        (broken / split / "airplane").mkdir(parents=True)
+    db_path = tmp_path / "results.sqlite"
+    proc = cli("grid", "run", str(tiny_grid), "--db", str(db_path), "--data-root", str(broken),
+               "--cache-dir", str(tmp_path / "cache"))
+    assert proc.returncode == 1 and "ran 2 (0 done, 2 failed)" in proc.stdout
+    rows = job_rows(db_path)
+    assert {r["status"] for r in rows.values()} == {"failed"}
+    assert all("missing class folders" in r["error"] and "Traceback" in r["error"] for r in rows.values())
+
+    plan, db = load_plan(tiny_grid), ResultsDB(db_path)
+    summary = run_grid(plan, db, data_root=str(mini_root), cache_dir=str(session_cache_dir))
+    assert summary.ran == 0 and summary.kept_failed == 2  # failed jobs wait for --retry-failed
+    summary = run_grid(plan, db, retry_failed=True, workers=2, data_root=str(mini_root),
+                       cache_dir=str(session_cache_dir))
+    assert summary.succeeded == 2 and not summary.failed
+    assert {(r["status"], r["attempts"], r["error"]) for r in job_rows(db_path).values()} == {("done", 2, None)}
+
+
+def test_unregistered_names_recorded_as_skipped(first_run, tiny_grid, mini_root, session_cache_dir, tmp_path):
+    spec = yaml.safe_load(tiny_grid.read_text())
+    spec.update(name="later", attacks=["clean"], defenses=["none", "defense-of-tomorrow"])
+    grid = tmp_path / "later.yaml"
+    grid.write_text(yaml.safe_dump(spec))
+    proc = cli("grid", "run", str(grid), "--db", str(tmp_path / "r.sqlite"))
+    assert proc.returncode == 2 and "not registered: defense 'defense-of-tomorrow'" in proc.stderr
+    proc = cli("grid", "run", str(grid), "--db", str(tmp_path / "r.sqlite"), "--skip-unregistered",
+               "--data-root", str(mini_root), "--cache-dir", str(session_cache_dir))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1 job(s) recorded as skipped" in proc.stdout
+    with sqlite3.connect(tmp_path / "r.sqlite") as conn:
+        rows = dict(conn.execute("SELECT defense, status || ': ' || COALESCE(error, '') FROM jobs"))
+    assert rows == {"none": "done: ", "defense-of-tomorrow": "skipped: not registered: defense 'defense-of-tomorrow'"}
+
+
+def test_ray_backend_on_a_local_instance(first_run, tiny_grid, mini_root, session_cache_dir, tmp_path):
+    pytest.importorskip("ray", reason="the Ray backend is optional: pip install 'cgd-bench[ray]'")
+    db = ResultsDB(tmp_path / "ray.sqlite")
+    summary = run_grid(load_plan(tiny_grid), db, backend="ray", ray_num_cpus=2, data_root=str(mini_root),
+                       cache_dir=str(session_cache_dir))
+    assert summary.succeeded == 2 and not summary.failed
+    local = job_rows(first_run[0])
+    for attack, row in job_rows(db.path).items():
+        assert row["status"] == "done" and row["peak_rss_mb"] > 100
+        assert (row["clean_acc"], row["asr"]) == (local[attack]["clean_acc"], local[attack]["asr"])
+        assert (Path(row["run_dir"]) / "result.json").is_file()
