@@ -77,6 +77,8 @@ def main() -> None:
     parser.add_argument("--dataset", default="cifar10")
     parser.add_argument("--images", type=int, default=2000, help="images per path for the stand-in")
     parser.add_argument("--vit-images", type=int, default=2000, help="images per path for ViT-B-32 (slow in fp32)")
+    parser.add_argument("--standin", default=None,
+                        help="the second CLIP (default: standin:DATASET, trained on first use), e.g. cgd-standin:FILE")
     parser.add_argument("--cache-dir", default=None)
     args = parser.parse_args()
     cache = Cache(args.cache_dir)
@@ -85,15 +87,15 @@ def main() -> None:
 
     vit = load_clip("ViT-B-32", require_pretrained=False, device="cpu")
     rows.append(compare(vit, train.images[:args.vit_images], "ViT-B-32 (random init)"))
-    standin = load_clip(f"standin:{args.dataset}", dataset=args.dataset, data_root=args.data_root, cache=cache,
-                        device="cpu")
-    rows.append(compare(standin, train.images[:args.images], f"standin:{args.dataset}"))
+    standin_name = args.standin or f"standin:{args.dataset}"
+    standin = load_clip(standin_name, dataset=args.dataset, data_root=args.data_root, cache=cache, device="cpu")
+    rows.append(compare(standin, train.images[:args.images], "stand-in (" + standin.source["arch"] + ")"))
 
     image_features(standin, train.images, cache)  # fill the cache (or hit it)
     clear_memo()
     _, t_cached = timed(lambda: zero_shot_logits(standin, train.images, args.dataset, train.classes, cache=cache))
     _, t_memo = timed(lambda: zero_shot_logits(standin, train.images, args.dataset, train.classes, cache=cache))
-    cached = {"clip": f"standin:{args.dataset}", "images": len(train), "cached_rerun_s": t_cached,
+    cached = {"clip": standin_name, "images": len(train), "cached_rerun_s": t_cached,
               "same_process_rerun_s": t_memo}
 
     print(f"{'CLIP':<26} {'images':>6} {'reference img/s':>16} {'ours img/s':>11} {'speed-up':>9} {'cos(ours, ref)':>15}")

@@ -105,7 +105,8 @@ def test_export_writes_main_branch_layout(smoke):
 
 def test_round_trip_export_import(smoke):
     record = read_record(smoke["record"], cache=smoke["cache"])
-    assert record.format == "v2" and record.attack == "badnets" and record.target == 0 and record.arch == "fastnet_small"
+    assert record.format == "v2" and record.attack == "badnets" and record.target == 0
+    assert record.arch == "fastnet_small"
     _assert_same_as_run(record, smoke)
     assert "badnets" in record.summary() and "fastnet_small" in record.summary()
 
@@ -360,7 +361,7 @@ def test_architecture_without_counterpart_is_named(smoke, tmp_path, name):
         raw["model_name"] = name
 
     rec = _edited(smoke, tmp_path, name, edit)
-    with pytest.raises(CGDError, match=f"model '{name}' .*no counterpart in cgd-bench's model registry.*preactresnet18"):
+    with pytest.raises(CGDError, match=f"model '{name}' .*no counterpart in cgd-bench's model registry.*preactresnet"):
         read_record(rec, data_root=_data_root(smoke), cache=smoke["cache"])
 
 
@@ -402,7 +403,8 @@ def test_installed_entry_point_defends_a_record_in_a_checkout(smoke, tmp_path, m
 
 def test_index_file_from_a_split(tmp_path):
     train_indices = torch.tensor([4, 9, 0, 7, 3])  # bd_train positions in the clean training set
-    split = Split(clean=torch.tensor([True, False, True, True, False]), suspect=torch.tensor([False, True] + [False] * 3))
+    split = Split(clean=torch.tensor([True, False, True, True, False]),
+                  suspect=torch.tensor([False, True, False, False, False]))
     path = write_index_file(clean_indices(split, train_indices), tmp_path / "cgd_index.txt")
     assert path.read_text() == "0\n4\n7\n"
     assert np.loadtxt(path, dtype=int).tolist() == [0, 4, 7]  # how BackdoorBench's choose_index reads it
@@ -410,18 +412,30 @@ def test_index_file_from_a_split(tmp_path):
         write_index_file(torch.tensor([5]), tmp_path / "one.txt")
 
 
-def test_cgd_split_end_to_end(smoke, tmp_path):
-    from cgd_defense.backdoorbench import split_record
-    from cgd_defense.registry import is_defense
+def test_cgd_split_end_to_end(smoke, tmp_path, monkeypatch):
+    """CGD's split of the record's bd_train, written as an index file. The CLIP is faked (uniform
+    zero-shot scores) to keep this a plumbing test; CGD's own tests cover what it finds."""
+    from types import SimpleNamespace
 
-    if not is_defense("cgd"):
-        pytest.skip("the cgd defense is not registered yet")
-    report = split_record(smoke["record"], tmp_path / "cgd_index.txt", preset="smoke",
-                          cache_dir=str(smoke["cache"].root))
-    indices = np.loadtxt(report.path, dtype=int)
-    assert len(indices) == report.n_indices > 1 and len(set(indices.tolist())) == len(indices)
-    in_record = set(_raw(smoke["record"])["bd_train"]["original_index_array"].tolist())
-    assert set(indices.tolist()) <= in_record
+    from cgd_defense.backdoorbench import split_record
+    from cgd_defense.defenses import cgd as cgd_module
+
+    def zero_shot_logits(clip, images, dataset, classes, templates="reference", cache=None):
+        return torch.full((len(images), len(classes)), 0.25)
+
+    monkeypatch.setattr(cgd_module, "_clip_api", lambda: SimpleNamespace(
+        load_clip=lambda spec, **kw: SimpleNamespace(logit_scale=60.0, source={"label": "uniform"}),
+        zero_shot_logits=zero_shot_logits))
+    report = split_record(smoke["record"], tmp_path / "cgd_index.txt",
+                          {"variant": "reference", "suspicious_epochs": 1, "suspicious_repeats": 1},
+                          preset="smoke", cache_dir=str(smoke["cache"].root))
+    indices = np.loadtxt(report.path, dtype=int).tolist()
+    assert len(indices) == report.n_indices > 1 and indices == sorted(set(indices))
+    pool, positions = _pool(smoke["data"])
+    assert set(indices) <= set(positions.tolist())  # positions in the clean training set, inside bd_train
+    in_index = torch.isin(positions, torch.as_tensor(indices))
+    assert report.n_modified_included == int(pool.modified_mask[in_index].sum())
+    assert "--index" in report.summary()
 
 
 # ------------------------------------------------------------------------------------------ CLI

@@ -189,3 +189,11 @@ def test_asd_seeds_are_clean_and_recorded(smoke_result):
     assert info["n_seeds"] == 10 * 10 and info["seed_poison_rate"] == 0.0
     assert [e["stage"] for e in info["epochs"]] == ["class-aware", "class-agnostic", "meta"]
     assert info["epochs"][0]["pool"] == 100  # stage 1 starts from the seeds alone
+
+
+def test_dbd_keeps_the_lowest_loss_half_labelled(smoke_result):
+    name, result = smoke_result
+    if name != "dbd":
+        pytest.skip("DBD only")
+    assert result["split"]["n_clean_part"] == int(0.5 * result["data"]["n_train"])
+    assert len(result["defense_info"]["mixmatch_epochs"]) == 2 and len(result["defense_info"]["simclr_loss"]) == 1

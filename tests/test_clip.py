@@ -216,3 +216,11 @@ def test_saved_stand_in_loads_through_the_factory(tiny_payload, tiny_clip, tmp_p
     images = _images()
     torch.testing.assert_close(zero_shot_logits(loaded, images, "cifar10", CLASSES),
                                zero_shot_logits(tiny_clip, images, "cifar10", CLASSES))
+
+
+def test_in_place_change_of_the_images_is_not_served_from_the_memo(tiny_clip):
+    images = _images(4)
+    before = image_features(tiny_clip, images)
+    images[2, :, :4, :4] = 255  # same tensor object, changed in place
+    after = image_features(tiny_clip, images)
+    assert torch.equal(after[[0, 1, 3]], before[[0, 1, 3]]) and not torch.equal(after[2], before[2])

@@ -62,7 +62,8 @@ def _pool(data: RunData) -> tuple[PoisonedData, torch.Tensor]:
     t, v = data.train, data.val
     pool = PoisonedData(torch.cat([t.images, v.images])[order], torch.cat([t.labels, v.labels])[order],
                         torch.cat([t.original_labels, v.original_labels])[order],
-                        torch.cat([t.poison_mask, v.poison_mask])[order], torch.cat([t.cross_mask, v.cross_mask])[order],
+                        torch.cat([t.poison_mask, v.poison_mask])[order],
+                        torch.cat([t.cross_mask, v.cross_mask])[order],
                         t.classes, t.attack, t.target)
     return pool, positions[order]
 

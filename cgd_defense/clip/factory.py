@@ -14,6 +14,7 @@ Checkpoints load with `weights_only=True`.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import os
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 from ..config import default_cache_dir, unknown_name_error
 from ..errors import CGDError, ConfigError
 from ..harness.cache import Cache, file_sha256, tensor_digest
-from ..harness.precision import autocast, resolve_device, use_bf16
+from ..harness.precision import resolve_device, use_bf16
 from ..harness.trainer import progress_enabled
 from . import model as standin_model
 
@@ -154,7 +155,7 @@ class ClipModel:
 
     def preprocess_cfg(self) -> dict:
         return {"size": self.image_size, "mean": list(self.mean), "std": list(self.std),
-                "interpolation": self.interpolation, "antialias": True, "bf16": self.uses_bf16,
+                "interpolation": self.interpolation, "antialias": True, "bf16_weights": self.uses_bf16,
                 "channels_last": self.channels_last}
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
@@ -170,21 +171,31 @@ class ClipModel:
         x = (x - mean) / std
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
+    def _image_tower(self) -> nn.Module:
+        """The image tower that scores: in bf16 mode a bf16 copy of the weights (made once). On CPU,
+        bf16 weights run ViT-B-32 4.6x faster than fp32 and autocast only 1.2x, as autocast re-casts
+        every weight at every call (measured with 1 thread on this AMX CPU; bench/clip_throughput.py)."""
+        if not self.uses_bf16:
+            return self.model.visual
+        if self._memo.get("bf16_visual") is None:
+            self._memo["bf16_visual"] = copy.deepcopy(self.model.visual).to(torch.bfloat16).eval()
+        return self._memo["bf16_visual"]
+
     @torch.inference_mode()
     def encode_images(self, images: torch.Tensor, *, batch_size: int | None = None, desc: str = "CLIP image features",
                       progress: bool | None = None) -> torch.Tensor:
         """L2-normalised image features, fp32 on the CPU, (N, D)."""
         self.model.eval()
+        tower = self._image_tower()
+        dtype = torch.bfloat16 if self.uses_bf16 else torch.float32
         bs = batch_size or self.batch_size
         show = progress_enabled() if progress is None else progress
         outs = []
         with tqdm(total=len(images), desc=desc, disable=not show or len(images) <= bs, leave=False,
                   unit="img", mininterval=1.0) as bar:
             for start in range(0, len(images), bs):
-                x = self.preprocess(images[start:start + bs])
-                with autocast(self.uses_bf16, self.device):
-                    f = self.model.encode_image(x)
-                outs.append(F.normalize(f.float(), dim=-1).cpu())
+                x = self.preprocess(images[start:start + bs]).to(dtype)
+                outs.append(F.normalize(tower(x).float(), dim=-1).cpu())
                 bar.update(len(x))
         if not outs:
             return torch.empty(0, 0)
