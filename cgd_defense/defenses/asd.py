@@ -41,7 +41,7 @@ from ..errors import CGDError
 from ..harness.trainer import TrainConfig, make_optimizer, train
 from ..models import Classifier
 from .base import Defense, Split, register_defense
-from .semisup import MixMatchConfig, lowest_fraction, mixmatch_epoch, per_sample_sce
+from .semisup import lowest_fraction, mixmatch_config, mixmatch_epoch, per_sample_sce
 
 
 def class_aware_pool(losses: torch.Tensor, labels: torch.Tensor, seeds: torch.Tensor, per_class: int,
@@ -162,10 +162,7 @@ class ASD(Defense):
         torch.manual_seed(context.seed)
         net = build_model(context.preset, context.dataset, num_classes)
         optimizer = make_optimizer(net, TrainConfig(optimizer="adam", lr=p.lr, weight_decay=0.0))
-        mixmatch = MixMatchConfig(iterations=p.semi_iterations, batch_size=p.semi_batch_size,
-                                  temperature=p.mixmatch_temperature, alpha=p.mixmatch_alpha, lambda_u=p.lambda_u,
-                                  rampup_epochs=p.rampup_epochs, crop_padding=4, precision=precision,
-                                  channels_last=context.preset.train.channels_last)
+        mixmatch = mixmatch_config(p, context.preset.train)
         gen = torch.Generator().manual_seed(context.seed + 1)
         rng = np.random.default_rng(context.seed + 1)
         trace = []

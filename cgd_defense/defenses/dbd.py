@@ -46,7 +46,7 @@ from ..harness.precision import autocast, resolve_device, use_bf16
 from ..harness.trainer import TrainConfig, make_optimizer, train
 from ..models import Classifier
 from .base import Defense, Split, register_defense
-from .semisup import MixMatchConfig, lowest_fraction, mixmatch_epoch, per_sample_sce, symmetric_cross_entropy
+from .semisup import lowest_fraction, mixmatch_config, mixmatch_epoch, per_sample_sce, symmetric_cross_entropy
 
 # ---------------------------------------------------------------------------------------------
 # SimCLR (Chen et al., ICML 2020) pieces, as DBD configures them
@@ -301,10 +301,7 @@ class DBD(Defense):
             for q in frozen:
                 q.requires_grad_(True)
 
-        mixmatch = MixMatchConfig(iterations=p.semi_iterations, batch_size=p.semi_batch_size,
-                                  temperature=p.mixmatch_temperature, alpha=p.mixmatch_alpha, lambda_u=p.lambda_u,
-                                  rampup_epochs=p.rampup_epochs, crop_padding=4, precision=precision,
-                                  channels_last=context.preset.train.channels_last)
+        mixmatch = mixmatch_config(p, context.preset.train)
         gen = torch.Generator().manual_seed(context.seed + 1)
         rng = np.random.default_rng(context.seed + 1)
         trace = []

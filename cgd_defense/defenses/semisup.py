@@ -87,6 +87,16 @@ class MixMatchConfig:
     channels_last: bool = True
 
 
+def mixmatch_config(params, train_cfg) -> MixMatchConfig:
+    """The MixMatch settings of a defense whose Params carry semi_iterations, semi_batch_size,
+    mixmatch_temperature, mixmatch_alpha, lambda_u and rampup_epochs (DBD, ASD), with the preset's
+    precision and memory format."""
+    return MixMatchConfig(iterations=params.semi_iterations, batch_size=params.semi_batch_size,
+                          temperature=params.mixmatch_temperature, alpha=params.mixmatch_alpha,
+                          lambda_u=params.lambda_u, rampup_epochs=params.rampup_epochs, crop_padding=4,
+                          precision=train_cfg.precision, channels_last=train_cfg.channels_last)
+
+
 class _IndexStream:
     """Endless shuffled batches of a pool, reshuffled at each pass (a DataLoader with shuffle and
     drop_last, restarted when exhausted, as the authors' loops do). A pool smaller than the batch
