@@ -145,9 +145,13 @@ def test_asd_meta_split_keeps_samples_whose_loss_drops_least():
 
 def test_asd_seeds_per_class_from_the_oracle_pool():
     labels = torch.tensor([0, 1, 0, 1, 0, 1, 2, 2])
-    seeds = select_seeds(torch.tensor([0, 1, 2, 3, 6, 7]), labels, 2, 3, seed=0)
+    seeds, shortfall = select_seeds(torch.tensor([0, 1, 2, 3, 6, 7]), labels, 2, 3, seed=0)
     assert sorted(labels[seeds].tolist()) == [0, 0, 1, 1, 2, 2] and set(seeds.tolist()) <= {0, 1, 2, 3, 6, 7}
-    assert select_seeds(torch.tensor([0, 1, 6]), labels, 2, 3, seed=0) is None
+    assert shortfall == {}
+    # class 2 has no oracle sample (as SIG's target class): filled from its other samples, and said so
+    seeds, shortfall = select_seeds(torch.tensor([0, 1, 2, 3]), labels, 2, 3, seed=0)
+    assert sorted(labels[seeds].tolist()) == [0, 0, 1, 1, 2, 2] and shortfall == {2: 2}
+    assert set(seeds[labels[seeds] == 2].tolist()) == {6, 7}
 
 
 # ---------------------------------------------------------------------------------------------

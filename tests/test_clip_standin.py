@@ -66,3 +66,42 @@ def test_backdoored_stand_in_maps_triggered_images_to_the_target():
 
 def test_weak_variant_parses_to_images_per_class():
     assert parse_clip_spec("standin:cifar10:weak-10").weak_per_class == 10
+
+
+def _fake_tiny_imagenet(root, wnids=("n01443537", "n12267677"), per_class=3):
+    """A Tiny-ImageNet-200 folder in its published layout, with a few 64x64 JPEGs per class."""
+    import numpy as np
+    from PIL import Image
+
+    base = root / "tiny-imagenet-200"
+    (base / "val" / "images").mkdir(parents=True)
+    (base / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    rows = []
+    for k, w in enumerate(wnids):
+        folder = base / "train" / w / "images"
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(np.full((64, 64, 3), 40 * k + i, dtype=np.uint8)).save(folder / f"{w}_{i}.JPEG")
+        Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(base / "val" / "images" / f"val_{k}.JPEG")
+        rows.append(f"val_{k}.JPEG\t{w}\t0\t0\t63\t63")
+    (base / "val" / "val_annotations.txt").write_text("\n".join(rows) + "\n")
+
+
+def test_public_pool_weak_subsets_nest_and_extra_data_widens_the_pool(mini_root, session_cache_dir, tmp_path):
+    from cgd_defense.clip.standin import build_pool
+    from cgd_defense.harness.cache import Cache
+
+    cache = Cache(session_cache_dir)
+    full = build_pool(parse_clip_spec("standin:cifar10"), mini_root, cache)
+    assert len(full.labels) == 1000 and torch.bincount(full.labels).tolist() == [100] * 10
+    weak = {n: build_pool(parse_clip_spec(f"standin:cifar10:weak-{n}"), mini_root, cache) for n in (3, 10)}
+    assert torch.bincount(weak[3].labels).tolist() == [3] * 10
+    as_rows = lambda p: {tuple(img.flatten()[:64].tolist()) for img in p.images}  # noqa: E731
+    assert as_rows(weak[3]) <= as_rows(weak[10]) <= as_rows(full)
+
+    _fake_tiny_imagenet(tmp_path)
+    wide = build_pool(parse_clip_spec("standin:cifar10"), mini_root, cache, extra_data=tmp_path)
+    assert len(wide.labels) == 1006 and wide.images.shape[1:] == (3, 32, 32)
+    assert wide.labels[-6:].tolist() == [10, 10, 10, 11, 11, 11]
+    assert wide.captions[10][0] == "a photo of a goldfish" and wide.captions[11][0] == "a photo of a acorn"
+    assert wide.info["extra"] == {"dataset": "tinyimagenet", "n": 6}

@@ -22,10 +22,12 @@ weights. Every figure obtained with one is labelled "stand-in CLIP" (`ClipModel.
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -36,7 +38,7 @@ from ..config import StrictModel
 from ..data.datasets import ImageData, get_dataset_info, load_split
 from ..data.splits import stratified_holdout
 from ..errors import CGDError
-from ..harness.cache import Cache, tensor_digest
+from ..harness.cache import Cache, atomic_write_bytes, tensor_digest
 from ..harness.trainer import Batch, TrainConfig, train
 from .classnames import OPENAI_IMAGENET_TEMPLATES, REFERENCE_TEMPLATES, _GTSRB_ENSEMBLE
 from .factory import ClipSpec, parse_clip_spec
@@ -169,10 +171,10 @@ def build_pool(parsed: ClipSpec, data_root, cache: Cache, extra_data=None) -> St
         if n > int(per_class.min()):
             raise CGDError(f"stand-in '{parsed.variant}' needs {n} public images per class, but the public split of "
                            f"{info.title} has {int(per_class.min())} for its smallest class")
-        fraction = 1 - n / int(per_class.max())
-        kept, _ = stratified_holdout(pool.labels, fraction, seed=1) if fraction > 0 else (torch.arange(len(pool)), None)
-        # stratified_holdout rounds per class; trim to exactly n per class, in a seeded order
-        chosen = torch.cat([kept[pool.labels[kept] == c][:n] for c in range(pool.num_classes)])
+        # one seeded order per class, so the subsets nest: weak-10 is inside weak-30, inside weak-100
+        g = torch.Generator().manual_seed(1)
+        orders = [torch.nonzero(pool.labels == c).flatten() for c in range(pool.num_classes)]
+        chosen = torch.cat([idx[torch.randperm(len(idx), generator=g)][:n] for idx in orders])
         pool = pool.subset(torch.sort(chosen).values)
         meta["weak_per_class"] = n
     images, labels = pool.images, pool.labels
@@ -181,7 +183,11 @@ def build_pool(parsed: ClipSpec, data_root, cache: Cache, extra_data=None) -> St
         from ..registry import create_attack
 
         attack = create_attack(parsed.backdoor_attack)
-        poisoned = poison_training_set(attack, pool)
+        try:
+            poisoned = poison_training_set(attack, pool)
+        except CGDError as exc:
+            raise CGDError(f"stand-in '{parsed.variant}': {exc}. Backdoored stand-ins take attacks whose triggers "
+                           f"need no fitting") from None
         images, labels = poisoned.images, poisoned.labels
         meta["backdoor"] = {"attack": attack.name, "target": attack.poisoning.target,
                             "ratio": attack.poisoning.ratio, "n_poisoned": int(poisoned.poison_mask.sum()),
@@ -258,10 +264,6 @@ def get_standin(parsed: ClipSpec | str, *, data_root=None, cache: Cache | None =
 
 def save_standin(payload: dict, path: str | os.PathLike) -> None:
     """Write a stand-in checkpoint that `load_clip('<arch>:<path>')` loads."""
-    from ..harness.cache import atomic_write_bytes
-    import io
-    from pathlib import Path
-
     buf = io.BytesIO()
     torch.save({k: payload[k] for k in ("arch", "state_dict", "preprocess", "train", "pool", "source") if k in payload},
                buf)

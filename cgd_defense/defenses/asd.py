@@ -21,7 +21,10 @@ Seed samples. ASD assumes the defender holds 10 trusted clean samples per class;
 `ASD.py` draws them from the training samples that are truly clean (`item['poison'] == 0`). We do
 the same through the harness's `context.oracle_clean_subset` (truly clean training samples,
 seeded), recorded in `info_` with their poison rate. Those samples are part of the training set
-the defense receives, exactly as in the authors' code; no data outside it is used.
+the defense receives, exactly as in the authors' code; no data outside it is used. A class with
+too few truly clean samples (clean-label attacks that poison a whole class, e.g. SIG with
+BackdoorBench's ratio) gets the rest of its seeds from its other samples, recorded as
+`seed_fill_ins` with the seeds' poison rate.
 
 Where we differ, and why:
 - Samples are ranked by their loss in eval mode without augmentation (the authors' record pass
@@ -63,18 +66,25 @@ def choice_num(epoch: int, t: int, n: int) -> int:
 
 
 def select_seeds(oracle_indices: torch.Tensor, labels: torch.Tensor, per_class: int, num_classes: int,
-                 seed: int) -> torch.Tensor | None:
-    """`per_class` samples of each class drawn (seeded) from `oracle_indices`; None if some class
-    has fewer."""
+                 seed: int) -> tuple[torch.Tensor, dict[int, int]]:
+    """`per_class` samples of each class drawn (seeded) from `oracle_indices`. A class with fewer is
+    filled up with other training samples of that class, drawn the same way; returns the seeds and
+    {class: number of fill-ins} for the classes that needed them."""
     g = torch.Generator().manual_seed(seed)
     shuffled = oracle_indices[torch.randperm(len(oracle_indices), generator=g)]
-    chosen = []
+    outside = torch.ones(len(labels), dtype=torch.bool)
+    outside[oracle_indices] = False
+    others = torch.nonzero(outside).flatten()
+    others = others[torch.randperm(len(others), generator=g)]
+    chosen, shortfall = [], {}
     for c in range(num_classes):
-        members = shuffled[labels[shuffled] == c]
+        members = shuffled[labels[shuffled] == c][:per_class]
         if len(members) < per_class:
-            return None
-        chosen.append(members[:per_class])
-    return torch.sort(torch.cat(chosen)).values
+            fill = others[labels[others] == c][:per_class - len(members)]
+            shortfall[c] = len(fill)
+            members = torch.cat([members, fill])
+        chosen.append(members)
+    return torch.sort(torch.cat(chosen)).values, shortfall
 
 
 @register_defense("asd")
@@ -118,18 +128,21 @@ class ASD(Defense):
         fraction = min(0.99, 4 * p.seeds_per_class * num_classes / len(train_set))
         while True:
             oracle_idx, _ = context.oracle_clean_subset(fraction)
-            seeds = select_seeds(torch.as_tensor(oracle_idx, dtype=torch.long), train_set.labels,
-                                 p.seeds_per_class, num_classes, context.seed)
-            if seeds is not None:
+            seeds, shortfall = select_seeds(torch.as_tensor(oracle_idx, dtype=torch.long), train_set.labels,
+                                            p.seeds_per_class, num_classes, context.seed)
+            if not shortfall or fraction >= 0.99:
                 break
-            if fraction >= 0.99:
-                raise CGDError(f"defense 'asd': fewer than {p.seeds_per_class} truly clean samples in some class "
-                               f"of the {len(train_set)}-sample training set")
             fraction = min(0.99, 2 * fraction)
         report = context.report_poison_rate
         info = {"seed_source": "oracle_clean_subset: truly clean training samples drawn by the harness, as the "
                                "authors' ASD.py draws its seeds",
                 "n_seeds": len(seeds), "seed_poison_rate": report(seeds) if report is not None else None}
+        if shortfall:
+            # e.g. SIG as BackdoorBench sets it poisons every target-class image: no clean seed of that class
+            # exists in the training set, so the seeds of that class are whatever the class holds.
+            info["seed_fill_ins"] = {str(c): k for c, k in shortfall.items()}
+            info["seed_source"] += ("; classes without enough truly clean samples filled up with other "
+                                    "samples of the class (seed_fill_ins)")
         return seeds, info
 
     def _meta_losses(self, net: Classifier, images: torch.Tensor, labels: torch.Tensor, context) -> torch.Tensor:

@@ -55,6 +55,19 @@ def _clip_api():
     return clip
 
 
+def clip_provenance(clip, context: DefenseContext, p: "CGDParams", teacher_scale: float) -> dict:
+    """Everything that says which CLIP judged the split and how it was read: the spec, where its
+    weights came from ("stand-in CLIP" or "pretrained CLIP"), their identity (a sha256 or the
+    open_clip tag), the prompts and the teacher's temperature; the leaderboard prints it."""
+    from ..clip.zeroshot import prompts_for
+
+    prompts = prompts_for(context.dataset, list(context.classes), p.templates)
+    return {"spec": context.clip, "label": (clip.source or {}).get("label", "unknown CLIP"), "identity": clip.identity,
+            "source": json.loads(json.dumps(clip.source or {}, default=str)), "templates": p.templates,
+            "prompts": [per_class[0] for per_class in prompts], "prompts_per_class": len(prompts[0]),
+            "calibration": p.clip_calibration, "teacher_scale": teacher_scale}
+
+
 class CGDParams(StrictModel):
     variant: Literal["reference", "improved"] = Field(
         "improved", description="'reference' = the authors' code; 'improved' = the changes in VARIANT_DEFAULTS")
@@ -220,6 +233,7 @@ class CGD(Defense):
                       scores={"clip_nll": clip_nll, "suspicious_neg_nll": -susp_nll,
                               "combined": combined_score(r_clip, r_susp)},
                       info={"variant": p.variant, "clip": context.clip, "clip_source": source.get("label", "unknown CLIP"),
+                            "clip_info": clip_provenance(clip, context, p, scale),
                             "teacher_scale": scale, "thresholds": {"sigma1": sigma.sigma1, "sigma2": sigma.sigma2,
                                                                  "source": sigma.source, **sigma.details},
                             "n": len(train_set), "n_clean": int(clean.sum()), "n_suspect": int(suspect.sum()),

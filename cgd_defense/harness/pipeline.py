@@ -283,8 +283,18 @@ def defend_and_evaluate(cfg: RunConfig, data: RunData, model: Classifier, model_
         "clip": cfg.resolved_clip() if entry.threat_model != "model-only" else None,
         "defense_params": defense.get_params(), "defense_info": defense_info,
         "split": _split_report(split, data.train) if split is not None else None,
+        "clip_info": _clip_info(split, defense_info),
     }
     return fields, defended
+
+
+def _clip_info(split: Split | None, defense_info: dict) -> dict | None:
+    """The CLIP provenance a CLIP-guided defense recorded: in its own split (CGD) or in the CGD split
+    it drew its clean data from (clean-data defenses with clean_source=cgd); None if no CLIP was used."""
+    if split is not None and isinstance(split.info.get("clip_info"), dict):
+        return split.info["clip_info"]
+    nested = (defense_info or {}).get("cgd_split_info") or {}
+    return nested.get("clip_info") if isinstance(nested.get("clip_info"), dict) else None
 
 
 def run(cfg: RunConfig, out_dir: str | os.PathLike | None = None) -> dict:
