@@ -29,6 +29,11 @@ def test_cgd_smoke_run_writes_split_metrics_and_entropy_map(mini_root, session_c
     info = result["defense_info"]
     assert info["clip_source"] == "stand-in CLIP" and info["thresholds"]["sigma1"] == 0.2
     assert {"defense.clip_scoring", "defense.suspicious_training", "defense.retraining"} <= set(result["stage_times"])
+    clip = result["clip_info"]  # the CLIP's provenance in full, for the leaderboard
+    assert clip["label"] == clip["source"]["label"] == "stand-in CLIP" and clip["spec"] == "standin:cifar10"
+    assert len(clip["identity"]) == 64 and clip["identity"] == clip["source"]["weights_sha256"]
+    assert clip["prompts"][0] == "a photo of a airplane" and len(clip["prompts"]) == 10
+    assert (clip["calibration"], clip["teacher_scale"]) == ("cosine", 1.0)
     assert json.loads((out / "result.json").read_text())["split"] == split
     assert (out / "entropy_map.png").stat().st_size > 10_000
     saved = torch.load(out / "split.pt", weights_only=True)

@@ -300,7 +300,9 @@ def test_smoke_run_end_to_end(defense, source, mini_root, session_cache_dir):
                                         data_root=str(mini_root), cache_dir=str(session_cache_dir)))
         assert info["n_clean_samples"] == len(split["clean_indices"]) == info["cgd_split_info"]["n_clean"] > 0
         assert info["clean_indices_sha256"] == tensor_digest(split["clean_indices"])
+        assert result["clip_info"]["label"] == "stand-in CLIP"  # the CLIP behind the clean data, recorded
     else:
+        assert result["clip_info"] is None
         assert info["n_clean_samples"] == reference_size(n_train, TEST_FRACTION)
     if source == "oracle":
         assert info["clean_poison_rate"] == 0.0
