@@ -424,7 +424,8 @@ def test_cgd_split_end_to_end(smoke, tmp_path, monkeypatch):
         return torch.full((len(images), len(classes)), 0.25)
 
     monkeypatch.setattr(cgd_module, "_clip_api", lambda: SimpleNamespace(
-        load_clip=lambda spec, **kw: SimpleNamespace(logit_scale=60.0, source={"label": "uniform"}),
+        load_clip=lambda spec, **kw: SimpleNamespace(logit_scale=60.0, source={"label": "uniform"},
+                                                     identity="uniform-weights"),
         zero_shot_logits=zero_shot_logits))
     report = split_record(smoke["record"], tmp_path / "cgd_index.txt",
                           {"variant": "reference", "suspicious_epochs": 1, "suspicious_repeats": 1},

@@ -199,7 +199,7 @@ def fake_clip_api(calls: list):
     """A clean zero-shot 'CLIP' that reads the colour channel: cosines in [0.2, 0.3]."""
     def load_clip(spec, **kwargs):
         calls.append(("load", spec))
-        return SimpleNamespace(logit_scale=60.0, source={"label": "fake CLIP"})
+        return SimpleNamespace(logit_scale=60.0, source={"label": "fake CLIP"}, identity="fake-weights")
 
     def zero_shot_logits(clip, images, dataset, classes, templates="reference", cache=None):
         calls.append(("score", len(images), templates))
@@ -233,6 +233,7 @@ def test_split_reads_only_the_defender_view_and_finds_the_poisons(fake_clip, tmp
     assert torch.equal(split.suspect & data.poison_mask, data.poison_mask)  # every poison flagged (CLIP disagrees)
     assert not (split.clean & data.poison_mask).any()
     assert split.info["clip_source"] == "fake CLIP" and split.info["thresholds"]["sigma1"] == 0.2
+    assert split.info["clip_info"]["identity"] == "fake-weights" and split.info["clip_info"]["teacher_scale"] == 1.0
     assert set(split.scores) == {"clip_nll", "suspicious_neg_nll", "combined"}
     assert set(context.stage_times) == {"clip_scoring", "suspicious_training"}
     again = CGD(variant="reference", **TINY).split(view, context)  # suspicious scores come from the cache
