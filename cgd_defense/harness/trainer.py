@@ -109,6 +109,11 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
     bf16 = use_bf16(cfg.precision, device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(device=device, memory_format=memory_format).train()
+    if device.type != "cpu":
+        # One copy of the uint8 data on the accelerator (150 MB for CIFAR-10) instead of a host-to-device
+        # copy per batch; batch statistics stay on the device and are read once per epoch, because a
+        # read every step makes the host wait for the GPU.
+        images, labels = images.to(device), labels.to(device)
     gen = torch.Generator().manual_seed(seed)
     pool = torch.arange(len(labels)) if indices is None else torch.as_tensor(indices, dtype=torch.long)
     if len(pool) == 0:
@@ -127,18 +132,22 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
     step = 0
     for epoch in range(n_epochs):
         order = pool[torch.randperm(len(pool), generator=gen)]
-        loss_sum, correct, seen = 0.0, 0, 0
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), dtype=torch.long, device=device)
+        seen = 0
+        epoch_losses = torch.full((len(labels),), float("nan"), device=device) if track_loss else None
         for it in range(steps_per_epoch):
             if step >= total_steps:
                 break
             idx = order[it * cfg.batch_size:(it + 1) * cfg.batch_size]
             if len(idx) == 0:
                 break
-            x = images[idx].to(device).float().div_(255)
+            idx_on_device = idx.to(device)
+            x = images[idx_on_device].to(device).float().div_(255)
             if cfg.augment:
                 x = random_crop_flip(x, cfg.crop_padding, cfg.flip, gen)
             x = x.contiguous(memory_format=memory_format)
-            y = labels[idx].to(device)
+            y = labels[idx_on_device].to(device)
             with autocast(bf16, device):
                 logits = model(x)
             logits = logits.float()
@@ -149,19 +158,23 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
                 loss = loss_fn(logits, Batch(x, y, idx))
                 per_sample = F.cross_entropy(logits.detach(), y, reduction="none") if track_loss else None
             if track_loss:
-                sample_losses[epoch, idx] = per_sample.detach().cpu()
+                epoch_losses[idx_on_device] = per_sample.detach()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             step += 1
-            loss_sum += float(loss.detach()) * len(idx)
-            correct += int((logits.argmax(1) == y).sum())
+            loss_sum += loss.detach() * len(idx)
+            correct += (logits.argmax(1) == y).sum()
             seen += len(idx)
             bar.update(1)
-            if it % 10 == 0:
-                bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
-        result.history.append({"epoch": epoch + 1, "loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1)})
+            if it % 10 == 0 and not bar.disable:
+                bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss_sum) / seen:.3f}",
+                                acc=f"{int(correct) / seen:.3f}")
+        if track_loss:
+            sample_losses[epoch] = epoch_losses.cpu()
+        result.history.append({"epoch": epoch + 1, "loss": float(loss_sum) / max(seen, 1),
+                               "train_acc": int(correct) / max(seen, 1)})
         result.epochs_run = epoch + 1
         result.steps = step
         if on_epoch_end is not None and on_epoch_end(epoch + 1, model):
