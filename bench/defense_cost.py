@@ -204,25 +204,30 @@ def main(argv=None) -> None:
         parser.error(f"unknown defense(s) {missing}")
     t0 = time.perf_counter()
     input_times = prepare_inputs(args)
+    out = Path(args.out) if args.out else RESULTS / f"defense_cost_{args.preset}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write_report(rows: list[dict]) -> None:
+        # Rewritten after every defense, so a long run cut short keeps what finished.
+        report = {"preset": args.preset, "dataset": args.dataset, "seed": args.seed, "rows": rows,
+                  "cgd_ratios": ratios(rows), "input_times_s": input_times,
+                  "total_s": round(time.perf_counter() - t0, 1), "machine": machine(),
+                  "platform": platform.platform(), "versions": package_versions(), "git_commit": git_commit()}
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(report, indent=2))
+        tmp.replace(out)
+
     rows = []
     for attack in args.attacks:
         for defense in args.defenses:
             rows.append(run_worker(args, attack, defense))
             r = rows[-1]
             print(f"  {attack}/{defense}: " + (f"{r['wall_s']:.1f} s" if "error" not in r else "FAILED"), flush=True)
+            write_report(rows)
     print()
     print_table(rows)
-    summary = ratios(rows)
-    for attack, r in summary.items():
+    for attack, r in ratios(rows).items():
         print(f"{attack}: " + ", ".join(f"{k} = {v:.3f}" for k, v in r.items()))
-    out = Path(args.out) if args.out else RESULTS / f"defense_cost_{args.preset}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "preset": args.preset, "dataset": args.dataset, "seed": args.seed, "rows": rows, "cgd_ratios": summary,
-        "input_times_s": input_times, "total_s": round(time.perf_counter() - t0, 1),
-        "machine": machine(), "platform": platform.platform(), "versions": package_versions(),
-        "git_commit": git_commit(),
-    }, indent=2))
     print(f"wrote {out}")
 
 

@@ -39,8 +39,8 @@ def fake_result(job, seed_index, run_dir=None):
             "no_defense": {"clean_acc": nd_ca, "asr": nd_asr, "ra": None if nd_asr is None else 0.01},
             "split": split, "stage_times": {"defense": 1.5, "total": 12.0}, "data": {"n_train": 3600},
             "clip": job.resolved["clip"], "git_commit": "0123456789abcdef0123-dirty", "versions": {"torch": "x"},
-            "defense_info": {"clip": {"arch": "standin-vit", "weights": "standin:cifar10", "sha256": "ab" * 32,
-                                      "prompts": ["a photo of a {}"], "temperature": 1.0}} if job.defense == "fp" else {}}
+            "clip_info": {"spec": "standin:cifar10", "label": "stand-in CLIP", "identity": "ab" * 32,
+                          "prompts": ["a photo of a {}"], "calibration": "cosine"} if job.defense == "fp" else None}
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,8 @@ def test_csv_has_one_row_per_job_with_metrics_and_clip_settings(board):
     assert len(rows) == len(plan.jobs) == 8
     fp = [r for r in rows if r["defense"] == "fp[clean_source=oracle]" and r["attack"] == "badnets"]
     assert sorted(float(r["asr"]) for r in fp) == [0.02, 0.04]
-    assert all('"sha256": "abab' in r["clip_info"] and "a photo of a" in r["clip_info"] for r in fp)
+    assert all('"identity": "abab' in r["clip_info"] and "stand-in CLIP" in r["clip_info"] for r in fp)
+    assert all(r["clip_info"] == "" for r in rows if r["defense"] == "none")
     assert all(r["clip"] == "standin:cifar10" for r in fp)
     assert {r["status"] for r in rows} == {"done"} and all(r["git_commit"].endswith("-dirty") for r in rows)
 

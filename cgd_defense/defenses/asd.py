@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import torch
 from pydantic import Field, model_validator
 
@@ -44,7 +43,7 @@ from ..errors import CGDError
 from ..harness.trainer import TrainConfig, make_optimizer, train
 from ..models import Classifier
 from .base import Defense, Split, register_defense
-from .semisup import lowest_fraction, mixmatch_config, mixmatch_epoch, per_sample_sce
+from .semisup import lowest_fraction, mixmatch_config, per_sample_sce, split_and_mixmatch
 
 
 def class_aware_pool(losses: torch.Tensor, labels: torch.Tensor, seeds: torch.Tensor, per_class: int,
@@ -175,32 +174,22 @@ class ASD(Defense):
         torch.manual_seed(context.seed)
         net = build_model(context.preset, context.dataset, num_classes)
         optimizer = make_optimizer(net, TrainConfig(optimizer="adam", lr=p.lr, weight_decay=0.0))
-        mixmatch = mixmatch_config(p, context.preset.train)
-        gen = torch.Generator().manual_seed(context.seed + 1)
-        rng = np.random.default_rng(context.seed + 1)
-        trace = []
-        for epoch in range(p.epochs):
-            with timer("split"):
-                losses = per_sample_sce(net, images, labels, alpha=p.sce_alpha, beta=p.sce_beta,
-                                        device=context.device, precision=precision)
-                if epoch < p.epoch_first:
-                    stage, score = "class-aware", losses
-                    pool = class_aware_pool(losses, labels, seeds, choice_num(epoch, p.t, p.n), num_classes)
-                elif epoch < p.epoch_second:
-                    stage, score = "class-agnostic", losses
-                    pool = lowest_fraction(losses, p.epsilon)
-                else:
-                    stage = "meta"
-                    score = losses - self._meta_losses(net, images, labels, context)
-                    pool = lowest_fraction(score, p.epsilon)
-            with timer("mixmatch"):
-                stats = mixmatch_epoch(net, images, labels, torch.nonzero(pool).flatten(),
-                                       torch.nonzero(~pool).flatten(), optimizer, mixmatch, epoch=epoch,
-                                       num_classes=num_classes, generator=gen, rng=rng, device=context.device)
-            report = context.report_poison_rate  # ground truth, for result.json only
-            trace.append({"epoch": epoch + 1, "stage": stage, "pool": int(pool.sum()),
-                          "pool_poison_rate": report(torch.nonzero(pool).flatten()) if report is not None else None,
-                          **stats})
+
+        def choose_pool(epoch: int, losses: torch.Tensor):
+            if epoch < p.epoch_first:
+                return (class_aware_pool(losses, labels, seeds, choice_num(epoch, p.t, p.n), num_classes), losses,
+                        {"stage": "class-aware"})
+            if epoch < p.epoch_second:
+                return lowest_fraction(losses, p.epsilon), losses, {"stage": "class-agnostic"}
+            score = losses - self._meta_losses(net, images, labels, context)
+            return lowest_fraction(score, p.epsilon), score, {"stage": "meta"}
+
+        trace, pool, score = split_and_mixmatch(
+            net, images, labels, optimizer, mixmatch_config(p, context.preset.train), epochs=p.epochs,
+            choose_pool=choose_pool, sce_alpha=p.sce_alpha, sce_beta=p.sce_beta, num_classes=num_classes,
+            seed=context.seed, timer=timer, report=context.report_poison_rate, device=context.device,
+            precision=precision)
+        stage = trace[-1]["stage"]
         context.stage_times.update(timer.times)
 
         self.model_ = net.eval()

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -46,7 +45,7 @@ from ..harness.precision import autocast, resolve_device, use_bf16
 from ..harness.trainer import TrainConfig, make_optimizer, train
 from ..models import Classifier
 from .base import Defense, Split, register_defense
-from .semisup import lowest_fraction, mixmatch_config, mixmatch_epoch, per_sample_sce, symmetric_cross_entropy
+from .semisup import lowest_fraction, mixmatch_config, split_and_mixmatch, symmetric_cross_entropy
 
 # ---------------------------------------------------------------------------------------------
 # SimCLR (Chen et al., ICML 2020) pieces, as DBD configures them
@@ -301,24 +300,12 @@ class DBD(Defense):
             for q in frozen:
                 q.requires_grad_(True)
 
-        mixmatch = mixmatch_config(p, context.preset.train)
-        gen = torch.Generator().manual_seed(context.seed + 1)
-        rng = np.random.default_rng(context.seed + 1)
-        trace = []
-        for epoch in range(p.semi_epochs):
-            with timer("split"):
-                losses = per_sample_sce(net, images, labels, alpha=p.sce_alpha, beta=p.sce_beta,
-                                        device=context.device, precision=precision)
-                credible = lowest_fraction(losses, p.epsilon)
-            with timer("mixmatch"):
-                stats = mixmatch_epoch(net, images, labels, torch.nonzero(credible).flatten(),
-                                       torch.nonzero(~credible).flatten(), optimizer, mixmatch,
-                                       epoch=math.ceil(p.warmup_epochs) + epoch, num_classes=len(context.classes),
-                                       generator=gen, rng=rng, device=context.device)
-            report = context.report_poison_rate  # ground truth, for result.json only
-            trace.append({"epoch": epoch + 1, "n_high_credible": int(credible.sum()),
-                          "high_credible_poison_rate": report(torch.nonzero(credible).flatten())
-                          if report is not None else None, **stats})
+        trace, credible, losses = split_and_mixmatch(
+            net, images, labels, optimizer, mixmatch_config(p, context.preset.train), epochs=p.semi_epochs,
+            choose_pool=lambda epoch, losses: (lowest_fraction(losses, p.epsilon), losses, {}),
+            sce_alpha=p.sce_alpha, sce_beta=p.sce_beta, num_classes=len(context.classes), seed=context.seed,
+            timer=timer, report=context.report_poison_rate, first_epoch=math.ceil(p.warmup_epochs),
+            device=context.device, precision=precision)
         context.stage_times.update(timer.times)
 
         self.model_ = net.eval()

@@ -15,6 +15,7 @@ loop reuses the trainer's pieces (optimizer, batched augmentation, precision pol
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -179,3 +180,34 @@ def per_sample_sce(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     rank samples by)."""
     logits = predict(model, images, batch_size=batch_size, device=device, precision=precision)
     return symmetric_cross_entropy(logits, labels, alpha=alpha, beta=beta)
+
+
+def split_and_mixmatch(net: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                       optimizer: torch.optim.Optimizer, cfg: MixMatchConfig, *, epochs: int,
+                       choose_pool: Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict]],
+                       sce_alpha: float, sce_beta: float, num_classes: int, seed: int, timer,
+                       report: Callable[[torch.Tensor], float] | None = None, first_epoch: int = 0,
+                       device=None, precision: str = "auto") -> tuple[list[dict], torch.Tensor, torch.Tensor]:
+    """The loop DBD and ASD share. Each epoch: every sample's SCE loss under the current model,
+    `choose_pool(epoch, losses) -> (labelled-pool mask, the score it ranked by, trace fields)`, then
+    one MixMatch epoch with the pool labelled and the rest unlabelled. `first_epoch` offsets the
+    lambda_u ramp-up (DBD counts its warm-up epochs in it). `report(indices)` gives the poison rate of
+    a pool from the ground truth, for result.json only. Returns the per-epoch trace and the last
+    epoch's pool and score."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    rng = np.random.default_rng(seed + 1)
+    trace: list[dict] = []
+    pool = score = None
+    for epoch in range(epochs):
+        with timer("split"):
+            losses = per_sample_sce(net, images, labels, alpha=sce_alpha, beta=sce_beta, device=device,
+                                    precision=precision)
+            pool, score, fields = choose_pool(epoch, losses)
+        labelled, unlabelled = torch.nonzero(pool).flatten(), torch.nonzero(~pool).flatten()
+        with timer("mixmatch"):
+            stats = mixmatch_epoch(net, images, labels, labelled, unlabelled, optimizer, cfg,
+                                   epoch=first_epoch + epoch, num_classes=num_classes, generator=gen, rng=rng,
+                                   device=device)
+        trace.append({"epoch": epoch + 1, **fields, "pool": len(labelled),
+                      "pool_poison_rate": report(labelled) if report is not None else None, **stats})
+    return trace, pool, score

@@ -82,14 +82,10 @@ def default_db_path() -> Path:
 
 
 def clip_info(result: dict) -> dict | None:
-    """The CLIP settings a run recorded (architecture, weights source and sha256, prompts,
-    temperature): `result['clip_info']` when the harness gives it, else every CLIP-related entry of
-    the defense's info (`clip*`, `prompts`, `templates`, `temperature`)."""
-    if isinstance(result.get("clip_info"), dict):
-        return result["clip_info"]
-    info = result.get("defense_info") or {}
-    found = {k: v for k, v in info.items() if k.startswith("clip") or k in ("prompts", "templates", "temperature")}
-    return found or None
+    """The CLIP settings a run recorded (`result['clip_info']`: spec, stand-in or pretrained, weights
+    identity, prompts, calibration); None for runs that used no CLIP."""
+    info = result.get("clip_info")
+    return info if isinstance(info, dict) else None
 
 
 class ResultsDB:
