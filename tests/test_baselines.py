@@ -1,5 +1,6 @@
 """The poisoned-data baselines ABL, DBD and ASD: their losses and split rules on hand-built cases,
 and each one end to end at the smoke preset through the harness."""
+import contextlib
 import math
 
 import numpy as np
@@ -10,8 +11,8 @@ import torch.nn.functional as F
 from cgd_defense.defenses.abl import lga_loss
 from cgd_defense.defenses.asd import choice_num, class_aware_pool, select_seeds
 from cgd_defense.defenses.dbd import _hsv_to_rgb, _rgb_to_hsv, nt_xent, simclr_augment
-from cgd_defense.defenses.semisup import (lowest_fraction, mixmatch_loss, mixup, sharpen,
-                                          symmetric_cross_entropy)
+from cgd_defense.defenses.semisup import (MixMatchConfig, lowest_fraction, mixmatch_loss, mixup, sharpen,
+                                          split_and_mixmatch, symmetric_cross_entropy)
 from cgd_defense.harness.pipeline import RunConfig, run
 
 
@@ -85,6 +86,37 @@ def test_mixmatch_loss_parts():
     assert lu.item() == pytest.approx(0.0, abs=1e-12)
     _, lu_off = mixmatch_loss(logits, one_hot, logits, one_hot)
     assert lu_off.item() == pytest.approx(((logits.softmax(1) - one_hot) ** 2).mean().item())
+
+
+def test_split_and_mixmatch_rescores_each_epoch_and_trains_on_the_chosen_pool():
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8)
+    labels = torch.arange(40) % 4
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
+    before = [q.detach().clone() for q in net.parameters()]
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+    cfg = MixMatchConfig(iterations=2, batch_size=8, rampup_epochs=4, crop_padding=1, precision="fp32",
+                         channels_last=False)
+    seen_losses = []
+
+    def choose_pool(epoch, losses):
+        seen_losses.append(losses.clone())
+        pool = torch.zeros(40, dtype=torch.bool)
+        pool[: 10 + 5 * epoch] = True  # a pool that grows, as ASD's does
+        return pool, -losses, {"stage": f"s{epoch}"}
+
+    poisoned = torch.zeros(40, dtype=torch.bool)
+    poisoned[5] = True
+    trace, pool, score = split_and_mixmatch(
+        net, images, labels, optimizer, cfg, epochs=3, choose_pool=choose_pool, sce_alpha=0.1, sce_beta=1.0,
+        num_classes=4, seed=0, timer=lambda stage: contextlib.nullcontext(), report=lambda idx: float(poisoned[idx].float().mean()),
+        first_epoch=2, device="cpu", precision="fp32")
+    assert [t["stage"] for t in trace] == ["s0", "s1", "s2"] and [t["pool"] for t in trace] == [10, 15, 20]
+    assert [t["pool_poison_rate"] for t in trace] == pytest.approx([1 / 10, 1 / 15, 1 / 20])
+    assert int(pool.sum()) == 20 and torch.equal(score, -seen_losses[-1])
+    assert not torch.allclose(seen_losses[0], seen_losses[1])  # scored again under the updated model
+    assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    assert trace[0]["lambda_u"] == pytest.approx(15.0 * 3 / 4)  # the ramp counts from first_epoch
 
 
 # ---------------------------------------------------------------------------------------------
