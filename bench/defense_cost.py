@@ -196,6 +196,7 @@ def main(argv=None) -> None:
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return
 
+    from cgd_defense.harness.cache import atomic_write_text
     from cgd_defense.harness.provenance import git_commit, machine, package_versions
     from cgd_defense.registry import is_defense
 
@@ -205,17 +206,15 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     input_times = prepare_inputs(args)
     out = Path(args.out) if args.out else RESULTS / f"defense_cost_{args.preset}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    provenance = {"machine": machine(), "platform": platform.platform(), "versions": package_versions(),
+                  "git_commit": git_commit()}
 
     def write_report(rows: list[dict]) -> None:
         # Rewritten after every defense, so a long run cut short keeps what finished.
         report = {"preset": args.preset, "dataset": args.dataset, "seed": args.seed, "rows": rows,
                   "cgd_ratios": ratios(rows), "input_times_s": input_times,
-                  "total_s": round(time.perf_counter() - t0, 1), "machine": machine(),
-                  "platform": platform.platform(), "versions": package_versions(), "git_commit": git_commit()}
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(report, indent=2))
-        tmp.replace(out)
+                  "total_s": round(time.perf_counter() - t0, 1), **provenance}
+        atomic_write_text(out, json.dumps(report, indent=2))
 
     rows = []
     for attack in args.attacks:

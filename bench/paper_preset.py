@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from cgd_defense.harness.cache import atomic_write_text
+
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFENSE_ALIASES = {"cgd-reference": ("cgd", ["variant=reference"])}
 
@@ -54,7 +56,7 @@ def run_one(spec: str, args: argparse.Namespace, run_dir: Path) -> dict:
     return {"run": spec, "attack": attack, "defense": defense, "defense_opts": opts,
             "clean_acc": result["clean_acc"], "asr": result["asr"], "ra": result["ra"],
             "no_defense": result.get("no_defense"), "stage_times": result["stage_times"],
-            "split": (result.get("defense_info") or {}).get("split_quality") or result.get("split"),
+            "split": result.get("split"),
             "clip": clip_info.get("label"), "machine": result.get("machine"), "wall_s": round(wall, 1)}
 
 
@@ -89,13 +91,10 @@ def main() -> None:
     report = {"preset": args.preset, "dataset": args.dataset, "seed": args.seed, "device": device,
               "torch": torch.__version__, "command": " ".join(sys.argv), "runs": []}
     out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
     for spec in args.runs:
         row = run_one(spec, args, Path(args.run_dir) / spec.replace(":", "__"))
         report["runs"].append(row)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(report, indent=2))
-        tmp.replace(out)
+        atomic_write_text(out, json.dumps(report, indent=2))
         print(f"[{time.strftime('%H:%M:%S')}] {spec} done in {row['wall_s']} s", flush=True)
     print(f"device: {device}, preset {args.preset}, seed {args.seed}")
     print_table(report["runs"])

@@ -69,8 +69,8 @@ def preset_curve(preset_name: str, data_root: str, cache: Cache, epochs: float |
     train(model, full.images, full.labels, train_cfg, indices=train_idx, seed=0, on_epoch_end=on_epoch_end,
           desc=f"{preset_name} preset")
     test_acc = float((predict(model, test.images).argmax(1) == test.labels).float().mean())
-    return {"preset": preset_name, "model": preset.model, "epochs": train_cfg.epochs, "n_train": len(train_idx), "curve": curve,
-            "test_acc": test_acc, "wall_s": round(time.perf_counter() - t_start, 1)}
+    return {"preset": preset_name, "model": preset.model, "epochs": train_cfg.epochs, "n_train": len(train_idx),
+            "curve": curve, "test_acc": test_acc, "wall_s": round(time.perf_counter() - t_start, 1)}
 
 
 def main():

@@ -109,8 +109,8 @@ def test_split_and_mixmatch_rescores_each_epoch_and_trains_on_the_chosen_pool():
     poisoned[5] = True
     trace, pool, score = split_and_mixmatch(
         net, images, labels, optimizer, cfg, epochs=3, choose_pool=choose_pool, sce_alpha=0.1, sce_beta=1.0,
-        num_classes=4, seed=0, timer=lambda stage: contextlib.nullcontext(), report=lambda idx: float(poisoned[idx].float().mean()),
-        first_epoch=2, device="cpu", precision="fp32")
+        num_classes=4, seed=0, timer=lambda stage: contextlib.nullcontext(),
+        report=lambda idx: float(poisoned[idx].float().mean()), first_epoch=2, device="cpu", precision="fp32")
     assert [t["stage"] for t in trace] == ["s0", "s1", "s2"] and [t["pool"] for t in trace] == [10, 15, 20]
     assert [t["pool_poison_rate"] for t in trace] == pytest.approx([1 / 10, 1 / 15, 1 / 20])
     assert int(pool.sum()) == 20 and torch.equal(score, -seen_losses[-1])

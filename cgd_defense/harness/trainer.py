@@ -143,11 +143,11 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
             if len(idx) == 0:
                 break
             idx_on_device = idx.to(device)
-            x = images[idx_on_device].to(device).float().div_(255)
+            x = images[idx_on_device].float().div_(255)
             if cfg.augment:
                 x = random_crop_flip(x, cfg.crop_padding, cfg.flip, gen)
             x = x.contiguous(memory_format=memory_format)
-            y = labels[idx_on_device].to(device)
+            y = labels[idx_on_device]
             with autocast(bf16, device):
                 logits = model(x)
             logits = logits.float()
