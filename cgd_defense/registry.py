@@ -97,12 +97,32 @@ def get_attack(name: str) -> AttackSpec:
     return load_attack_file(files[name])
 
 
-def _set_dotted(data: dict, key: str, value: Any) -> None:
+def _set_dotted(data: dict, key: str, value: Any, where: str) -> None:
+    """Set `key` (levels joined by dots) in nested dicts and lists. A list level takes an index
+    (`trigger.1.alpha`); a one-item list, such as a single trigger component, may skip it
+    (`trigger.alpha`)."""
     parts = key.split(".")
-    node = data
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-    node[parts[-1]] = value
+    node: Any = data
+    for i, part in enumerate(parts):
+        path = ".".join(parts[:i])
+        if isinstance(node, list) and not part.isdigit():
+            if len(node) != 1:
+                raise ConfigError(f"{where}: override '{key}': '{path}' holds {len(node)} items; name one by its "
+                                  f"index, e.g. '{path}.0.{part}'")
+            node = node[0]
+        if isinstance(node, list):
+            index = int(part)
+            if index >= len(node):
+                raise ConfigError(f"{where}: override '{key}': '{path}' holds {len(node)} items (indices 0-{len(node) - 1})")
+            if i == len(parts) - 1:
+                node[index] = value
+            node = node[index]
+        elif isinstance(node, dict):
+            if i == len(parts) - 1:
+                node[part] = value
+            node = node.setdefault(part, {})
+        else:
+            raise ConfigError(f"{where}: override '{key}': '{path}' is a value, not a section")
 
 
 def create_attack(name: str, **overrides) -> AttackSpec:
@@ -115,7 +135,7 @@ def create_attack(name: str, **overrides) -> AttackSpec:
     data = spec.model_dump()
     data["trigger"] = [{"kind": c["kind"], **c["params"]} for c in data["trigger"]]
     for key, value in overrides.items():
-        _set_dotted(data, key, value)
+        _set_dotted(data, key, value, f"attack '{name}'")
     from .attacks.spec import parse_attack
 
     return parse_attack(data, f"{_attack_files()[name]} (with overrides {overrides})")
@@ -149,6 +169,11 @@ def defense_params(name: str, preset: str | None = None, **params) -> dict:
 
 def create_defense(name: str, preset: str | None = None, **params) -> Defense:
     merged = defense_params(name, preset, **params)
+    if merged.get("clean_source") == "cgd":
+        # Resolve the CGD split a clean-data defense draws from now, for this preset, so that every CGD
+        # setting is one of the defense's parameters: cache keys and grid job keys then change when a
+        # CGD default does, instead of reusing a model defended with another split.
+        merged["cgd_params"] = create_defense("cgd", preset, **(merged.get("cgd_params") or {})).get_params()
     defense = get_defense_class(name)(**merged)
     defense.params  # validate now, naming the defense and the field
     return defense

@@ -48,6 +48,17 @@ def test_name_must_match_file_stem(tmp_path):
         load_attack_file(f)
 
 
+def test_overrides_reach_trigger_components_by_index_or_directly_when_there_is_one():
+    assert create_attack("blended", **{"trigger.alpha": 0.3}).trigger[0].params["alpha"] == 0.3
+    assert create_attack("blended", **{"trigger.0.alpha": 0.4}).trigger[0].params["alpha"] == 0.4
+    with pytest.raises(ConfigError, match=r"override 'trigger.3.alpha': 'trigger' holds 1 items"):
+        create_attack("blended", **{"trigger.3.alpha": 0.4})
+    with pytest.raises(ConfigError, match=r"'poisoning.ratio' is a value, not a section"):
+        create_attack("blended", **{"poisoning.ratio.low": 0.4})
+    with pytest.raises(ConfigError, match="alpha"):  # out of range: the schema still validates the result
+        create_attack("blended", **{"trigger.alpha": 7})
+
+
 def test_badnets_poisons_exact_count_and_pixels(tiny_data):
     spec = create_attack("badnets", **{"poisoning.ratio": 0.25})
     data = ImageData(tiny_data.images, tiny_data.labels, tiny_data.classes)

@@ -120,6 +120,13 @@ def test_narcissus_budget_and_test_magnification(pool, tmp_path):
                           atol=1e-6)
 
 
+def test_narcissus_fit_that_never_leaves_zero_is_an_error_not_a_trigger(pool, tmp_path):
+    # a learning rate too small to move the trigger stands in for a vanished gradient
+    context = FitContext(pool, Cache(tmp_path), TINY_PRESET, public=pool.subset(torch.arange(0, 48, 3)))
+    with pytest.raises(CGDError, match="narcissus: trigger generation stalled"):
+        build_components(tiny_attack("narcissus", lr=1e-12), SIZE, True, context)
+
+
 def test_trojannn_patch_size_and_place(pool, tmp_path):
     comp = fitted("trojannn", pool, Cache(tmp_path))
     assert comp.patch.shape == (3, 4, 4)

@@ -301,3 +301,19 @@ def test_cli_preview_prints_counts_and_distortion_and_writes_the_grid(mini_root,
     from PIL import Image
     with Image.open(tmp_path / "p" / "preview.png") as im:
         assert im.size[1] > 10 * 32  # one row per class
+
+
+def test_clean_label_poisons_are_drawn_independently_of_the_validation_split():
+    """The harness holds out a stratified validation split with the run seed; a target-only poison draw
+    with the same seed once took the very images held out first, so a small budget never reached the
+    victim. The overlap must be what independent draws give (a quarter here), not all of it."""
+    from cgd_defense.attacks.poison import choose_poison_indices
+    from cgd_defense.data import stratified_holdout
+
+    labels = torch.arange(10).repeat_interleave(400)
+    spec = create_attack("sig", **{"poisoning.ratio": 0.01})  # 40 poisons among the 400 target images
+    poison, _ = choose_poison_indices(spec, labels, 10)
+    assert len(poison) == 40 and bool((labels[poison] == spec.poisoning.target).all())
+    _, held_out = stratified_holdout(labels, 0.25, seed=spec.poisoning.seed)
+    overlap = int(torch.isin(poison, held_out).sum())
+    assert 3 <= overlap <= 20

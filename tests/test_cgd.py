@@ -79,6 +79,20 @@ def test_auto_sigma_finds_the_shortcut_share_and_falls_back_without_one():
     assert (choice.sigma1, choice.sigma2) == (0.2, 0.1) and choice.source.startswith("fixed (auto fell back")
 
 
+def test_auto_sigma_suspect_cap_bounds_sigma2_only():
+    g = torch.Generator().manual_seed(0)
+    clean = torch.exp(torch.randn(750, generator=g) * 0.8 - 0.7)
+    poison = torch.exp(torch.randn(250, generator=g) * 0.5 - 11.0)    # a 25% low mode
+    nll = torch.cat([clean, poison])
+    free = auto_sigma(nll, fixed=(0.2, 0.1), gap=0.1, bounds=(0.002, 0.3))
+    capped = auto_sigma(nll, fixed=(0.2, 0.1), gap=0.1, bounds=(0.002, 0.3), suspect_cap=0.1)
+    assert free.sigma2 == pytest.approx(0.25, abs=0.01)
+    assert capped.sigma1 == free.sigma1 and capped.sigma2 == 0.1 and capped.details["suspect_cap"] == 0.1
+    # a share below the cap is kept as estimated
+    few = auto_sigma(torch.cat([clean, poison[:50]]), fixed=(0.2, 0.1), gap=0.1, bounds=(0.002, 0.3), suspect_cap=0.1)
+    assert few.sigma2 == pytest.approx(50 / 800, abs=0.01)
+
+
 # ---------------------------------------------------------------------------------------------- balancing
 
 def test_class_balancing_counts():

@@ -84,6 +84,23 @@ def test_oracle_outside_the_harness_is_a_clear_error():
 
 
 @pytest.mark.skipif(not HAS_CGD, reason="cgd_defense.defenses.cgd is not importable")
+def test_cgd_source_parameters_carry_the_resolved_cgd_settings(monkeypatch):
+    """Cache and grid keys are built from get_params(): with clean_source=cgd they must change when a
+    CGD default does, or a model defended with another split would be reused."""
+    from cgd_defense.defenses import cgd as cgd_module
+
+    fp = create_defense("fp", preset="quick", clean_source="cgd", cgd_params={"sigma2": 0.05})
+    cgd_params = fp.get_params()["cgd_params"]
+    assert cgd_params == create_defense("cgd", preset="quick", sigma2=0.05).get_params()
+    assert cgd_params["sigma2"] == 0.05 and cgd_params["retrain_epochs"] == 2  # given, then the quick preset's
+    assert create_defense("fp", preset="quick", clean_source="oracle").get_params()["cgd_params"] == {}
+    changed = copy.deepcopy(cgd_module.VARIANT_DEFAULTS)
+    changed["improved"]["sigma_mode"] = "fixed"
+    monkeypatch.setattr(cgd_module, "VARIANT_DEFAULTS", changed)
+    assert create_defense("fp", preset="quick", clean_source="cgd", cgd_params={"sigma2": 0.05}).get_params() \
+        != fp.get_params()
+
+
 def test_cgd_source_yields_exactly_the_samples_cgd_labelled_clean(monkeypatch):
     from cgd_defense.defenses.cgd import CGD
 

@@ -152,6 +152,18 @@ def natural_feature_margin(components: list[TriggerKind], images_u8: torch.Tenso
     return out
 
 
+TARGET_POOL_SEED_OFFSET = 7919  # any fixed offset; see selection_seed
+
+
+def selection_seed(policy) -> int:
+    """Seed of the poison (and cross) draw. A target-only pool is exactly the class list that the
+    harness's stratified validation split permutes with the run seed (`data.splits.stratified_holdout`,
+    its first draw when the target is class 0): with the same seed the two permutations coincided, and a
+    small clean-label budget (Narcissus, 20 images) landed entirely in the validation split. Target-only
+    pools therefore draw from a stream of their own."""
+    return policy.seed + (TARGET_POOL_SEED_OFFSET if policy.eligible_set == "target" else 0)
+
+
 def choose_poison_indices(spec: AttackSpec, labels: torch.Tensor, num_classes: int,
                           images: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded choice of (poison, cross) indices following the policy; counts are exact:
@@ -160,7 +172,7 @@ def choose_poison_indices(spec: AttackSpec, labels: torch.Tensor, num_classes: i
     (`images`, uint8, are needed), taken strongest first."""
     p = spec.poisoning
     n = len(labels)
-    g = torch.Generator().manual_seed(p.seed)
+    g = torch.Generator().manual_seed(selection_seed(p))
     eligible = {"non-target": labels != p.target, "target": labels == p.target,
                 "all": torch.ones(n, dtype=torch.bool)}[p.eligible_set]
     n_wanted = int(round(p.ratio * n))

@@ -40,7 +40,7 @@ VARIANT_DEFAULTS: dict[str, dict] = {
                   "sigma_mode": "fixed", "balance": "resample", "retrain_momentum": 0.0,
                   "retrain_schedule": "constant", "alpha": 0.0005},
     "improved": {"clip_calibration": "logit_scale", "suspicious_scoring": "kfold", "suspicious_repeats": 1,
-                 "sigma_mode": "auto", "balance": "top_up", "retrain_momentum": 0.9,
+                 "sigma_mode": "auto_capped", "balance": "top_up", "retrain_momentum": 0.9,
                  "retrain_schedule": "cosine", "alpha": 0.01},
 }
 
@@ -96,11 +96,12 @@ class CGDParams(StrictModel):
     suspicious_weight_decay: float = Field(5e-4, ge=0, description="Adam L2 weight decay (reference 5e-4)")
     suspicious_batch_size: int = Field(256, ge=1, description="reference 256; no augmentation")
     # --- split
-    sigma_mode: Literal["fixed", "auto"] | None = Field(
-        None, description="'fixed' (reference): sigma1/sigma2 as given; 'auto' (improved): sigma2 = the share of "
+    sigma_mode: Literal["fixed", "auto", "auto_capped"] | None = Field(
+        None, description="'fixed' (reference): sigma1/sigma2 as given; 'auto': sigma2 = the share of "
         "the low-NLL mode of the suspicious scores (2-component mixture), sigma1 = sigma2 + auto_sigma_gap, "
         "falling back to sigma1/sigma2 when the scores show no clear mode; the fixed 0.1 matches only a 10% "
-        "poison rate.")
+        "poison rate; 'auto_capped' (improved): as auto, but sigma2 at most the given sigma2, so the whole low mode "
+        "stays out of the clean part without all of it (easy clean samples too) being unlearned.")
     sigma1: float = Field(0.2, gt=0, lt=0.5, description="clean part: r_clip <= 1 - sigma1 and r_susp >= sigma1")
     sigma2: float = Field(0.1, gt=0, lt=0.5, validate_default=True, description="suspects: r_clip > 1 - sigma2 or r_susp < sigma2")
     auto_sigma_gap: float = Field(0.1, ge=0, lt=0.5, description="auto: sigma1 - sigma2, the buffer between parts")
@@ -221,9 +222,9 @@ class CGD(Defense):
         susp_nll = nll_of_labels(self._suspicious_logits(p, train_set, context), train_set.labels)
         context.stage_times["suspicious_training"] = round(time.perf_counter() - t0, 3)
 
-        if p.sigma_mode == "auto":
+        if p.sigma_mode in ("auto", "auto_capped"):
             sigma = auto_sigma(susp_nll, (p.sigma1, p.sigma2), p.auto_sigma_gap, (p.auto_sigma_min, p.auto_sigma_max),
-                               seed=context.seed)
+                               seed=context.seed, suspect_cap=p.sigma2 if p.sigma_mode == "auto_capped" else None)
         else:
             sigma = SigmaChoice(p.sigma1, p.sigma2, "fixed")
         r_clip, r_susp = rank_normalize(clip_nll), rank_normalize(susp_nll)

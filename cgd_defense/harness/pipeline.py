@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from ..attacks.poison import FitContext, PoisonedData, TriggeredTest, fit_keys, poison_training_set, trigger_test_set
+from ..attacks.poison import (FitContext, PoisonedData, TriggeredTest, fit_keys, poison_training_set,
+                              selection_seed, trigger_test_set)
 from ..attacks.spec import AttackSpec
 from ..config import StrictModel
 from ..data.datasets import ImageData, get_dataset_info, load_split
@@ -127,6 +128,8 @@ def prepare_data(cfg: RunConfig, preset: Preset, attack: AttackSpec, cache: Cach
                    "attack": attack.model_dump(mode="json"), "classes": pool.classes}
     if fitted := fit_keys(attack, pool.images.shape[-1], fit):
         poison_spec["fitted"] = fitted
+    if (seed := selection_seed(attack.poisoning)) != attack.poisoning.seed:
+        poison_spec["selection_seed"] = seed  # only where the draw changed, so other cached sets stay valid
     poisoned = PoisonedData.from_payload(cache.get_or_compute(
         "poisoned", poison_spec, lambda: poison_training_set(attack, pool, fit).to_payload()))
     train_idx, val_idx = stratified_holdout(poisoned.labels, preset.val_fraction, cfg.seed)

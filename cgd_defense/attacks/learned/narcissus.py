@@ -21,12 +21,14 @@ used instead; the victim does train on that slice, so prefer the public split.
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 
 from ...data.datasets import ImageData
+from ...errors import CGDError
 from ...data.splits import stratified_holdout
 from ...harness.augment import random_crop_flip
 from ...harness.precision import autocast, resolve_device, use_bf16
@@ -35,10 +37,16 @@ from ..triggers import register_trigger
 from .fit import LearnedParams, LearnedTrigger, SurrogateRecipe, progress, train_surrogate
 
 
+# A trigger that ends below this share of its L_inf budget never left its zero start: the fit failed.
+STALLED_FRACTION = 0.01
+
+
 @register_trigger("narcissus")
 class NarcissusTrigger(LearnedTrigger):
     """An additive trigger in the L_inf ball of eps, pointing inwards to the target class.
     `test.strength` magnifies it at test time (the paper's x3); the result is clipped to [0, 1]."""
+
+    fit_version: ClassVar[int] = 2  # 2: a stalled fit is an error; version 1 cached a zero trigger
 
     class Params(LearnedParams):
         eps: float = Field(16, gt=0, le=128, description="L_inf radius of the trigger on the 0-255 scale")
@@ -107,7 +115,14 @@ class NarcissusTrigger(LearnedTrigger):
                     opt.step()
                     bar.update(1)
                     bar.set_postfix(loss=f"{float(loss.detach()):.3f}", refresh=False)
-        return {"trigger": trigger.detach().clamp(-eps, eps)[0].cpu(), "final_loss": float(loss.detach())}
+        result = trigger.detach().clamp(-eps, eps)[0].cpu()
+        if float(result.abs().max()) < STALLED_FRACTION * eps:
+            raise CGDError(
+                f"narcissus: trigger generation stalled (trigger L_inf {float(result.abs().max()):.2e}, final loss "
+                f"{float(loss.detach()):.2e}): after the poi-warm-up the surrogate gives the target class a loss that "
+                f"is zero in floating point, so the trigger's gradient vanished. Lower trigger.warmup_lr or "
+                f"trigger.warmup_epochs for this preset.")
+        return {"trigger": result, "final_loss": float(loss.detach())}
 
     def load_fit(self, state, context, policy):
         self.trigger = state["trigger"]
