@@ -35,19 +35,15 @@ RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = {"none": ("none", {}), "cgd-reference": ("cgd", {"variant": "reference"}), "cgd": ("cgd", {})}
 
 
-def clean_trained_model(name: str, args: argparse.Namespace, cache: Cache):
-    """The preset's model trained on unpoisoned data, then put through defense `name`."""
+def clean_trained_model(name: str, cfg: RunConfig, data, cache: Cache):
+    """The preset's model trained on unpoisoned data (`cfg`, `data`: the `clean` attack), then put
+    through defense `name`."""
     defense, params = MODELS[name]
-    cfg = RunConfig(dataset=args.dataset, data_root=args.data_root, attack="clean", defense=defense,
-                    defense_params=params, preset=args.preset, seed=args.seed, device=args.device,
-                    cache_dir=args.cache_dir)
-    preset = get_preset(args.preset)
-    data = prepare_data(cfg, preset, create_attack("clean"), cache)
-    model, key = backdoored_model(cfg, preset, data, cache)
+    model, key = backdoored_model(cfg, get_preset(cfg.preset), data, cache)
     if defense == "none":
-        return model, data
-    _, defended = defend_and_evaluate(cfg, data, model, key, cache, None, StageTimer())
-    return defended, data
+        return model
+    cfg = cfg.model_copy(update={"defense": defense, "defense_params": params})
+    return defend_and_evaluate(cfg, data, model, key, cache, None, StageTimer())[1]
 
 
 def main() -> None:
@@ -73,14 +69,17 @@ def main() -> None:
                         seed=args.seed, device=args.device, cache_dir=args.cache_dir)
         triggered[attack] = prepare_data(cfg, preset, create_attack(attack), cache).triggered
 
+    clean_cfg = RunConfig(dataset=args.dataset, data_root=args.data_root, attack="clean", preset=args.preset,
+                          seed=args.seed, device=args.device, cache_dir=args.cache_dir)
+    clean_data = prepare_data(clean_cfg, preset, create_attack("clean"), cache)
     report = {"preset": args.preset, "dataset": args.dataset, "seed": args.seed, "command": " ".join(sys.argv),
               "clip": f"standin:{args.dataset} (stand-in CLIP) for the cgd models", "models": {}}
     for name in args.models:
         t0 = time.perf_counter()
-        model, data = clean_trained_model(name, args, cache)
+        model = clean_trained_model(name, clean_cfg, clean_data, cache)
         run = lambda images: predict(model, images, batch_size=preset.eval_batch_size,  # noqa: E731
                                      device=args.device, precision=preset.train.precision)
-        row = {"clean_acc": clean_accuracy(run(data.test.images), data.test.labels), "attacks": {}}
+        row = {"clean_acc": clean_accuracy(run(clean_data.test.images), clean_data.test.labels), "attacks": {}}
         for attack, trig in triggered.items():
             logits = run(trig.images)
             row["attacks"][attack] = {"asr": attack_success_rate(logits, trig.attack_labels),

@@ -110,19 +110,17 @@ def _set_dotted(data: dict, key: str, value: Any, where: str) -> None:
                 raise ConfigError(f"{where}: override '{key}': '{path}' holds {len(node)} items; name one by its "
                                   f"index, e.g. '{path}.0.{part}'")
             node = node[0]
+        step: str | int = part
         if isinstance(node, list):
-            index = int(part)
-            if index >= len(node):
+            step = int(part)
+            if step >= len(node):
                 raise ConfigError(f"{where}: override '{key}': '{path}' holds {len(node)} items (indices 0-{len(node) - 1})")
-            if i == len(parts) - 1:
-                node[index] = value
-            node = node[index]
-        elif isinstance(node, dict):
-            if i == len(parts) - 1:
-                node[part] = value
-            node = node.setdefault(part, {})
-        else:
+        elif not isinstance(node, dict):
             raise ConfigError(f"{where}: override '{key}': '{path}' is a value, not a section")
+        if i == len(parts) - 1:
+            node[step] = value
+        else:
+            node = node[step] if isinstance(node, list) else node.setdefault(step, {})
 
 
 def create_attack(name: str, **overrides) -> AttackSpec:

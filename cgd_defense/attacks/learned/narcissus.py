@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from ...data.datasets import ImageData
-from ...errors import CGDError
 from ...data.splits import stratified_holdout
+from ...errors import CGDError
 from ...harness.augment import random_crop_flip
 from ...harness.precision import autocast, resolve_device, use_bf16
 from ...harness.trainer import train
@@ -115,14 +115,13 @@ class NarcissusTrigger(LearnedTrigger):
                     opt.step()
                     bar.update(1)
                     bar.set_postfix(loss=f"{float(loss.detach()):.3f}", refresh=False)
-        result = trigger.detach().clamp(-eps, eps)[0].cpu()
-        if float(result.abs().max()) < STALLED_FRACTION * eps:
+        result, final_loss = trigger.detach().clamp(-eps, eps)[0].cpu(), float(loss.detach())
+        if (l_inf := float(result.abs().max())) < STALLED_FRACTION * eps:
             raise CGDError(
-                f"narcissus: trigger generation stalled (trigger L_inf {float(result.abs().max()):.2e}, final loss "
-                f"{float(loss.detach()):.2e}): after the poi-warm-up the surrogate gives the target class a loss that "
-                f"is zero in floating point, so the trigger's gradient vanished. Lower trigger.warmup_lr or "
-                f"trigger.warmup_epochs for this preset.")
-        return {"trigger": result, "final_loss": float(loss.detach())}
+                f"narcissus: trigger generation stalled (trigger L_inf {l_inf:.2e}, final loss {final_loss:.2e}): "
+                f"after the poi-warm-up the surrogate gives the target class a loss that is zero in floating point, "
+                f"so the trigger's gradient vanished. Lower trigger.warmup_lr or trigger.warmup_epochs for this preset.")
+        return {"trigger": result, "final_loss": final_loss}
 
     def load_fit(self, state, context, policy):
         self.trigger = state["trigger"]
