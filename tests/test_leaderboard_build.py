@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from cgd_defense.config import PROJECT_ROOT
-from cgd_defense.leaderboard.build import build_leaderboard
+from cgd_defense.leaderboard.build import build_leaderboard, read_results_csv
 from cgd_defense.leaderboard.db import ResultsDB
 from cgd_defense.leaderboard.grid import load_plan
 
@@ -131,6 +131,36 @@ def test_plots_and_entropy_maps(board):
     assert all(f"maps/{m.name}" in html for m in maps)
     assert "<script src" not in html and "<link rel=\"stylesheet\"" not in html and "http://" not in html.replace(
         "http://www.w3.org/2000/svg", "")
+
+
+def test_results_csv_imports_back_into_a_fresh_database_unchanged(board, filled_db, tmp_path):
+    """A fresh checkout has results.csv but no database: importing it gives the same leaderboard and
+    the finished jobs count as done for a rerun of the grid."""
+    out, _, plan = board
+    db, *_ = filled_db
+    rebuilt = tmp_path / "out"
+    shutil.copytree(out, rebuilt)  # the committed leaderboard folder, entropy maps included
+    proc = subprocess.run([sys.executable, "-m", "cgd_defense.cli", "leaderboard", "import", str(out / "results.csv"),
+                           "--db", str(tmp_path / "fresh.sqlite")], capture_output=True, text=True, cwd=PROJECT_ROOT)
+    assert proc.returncode == 0 and "imported 8 finished jobs" in proc.stdout, proc.stderr
+    fresh = ResultsDB(tmp_path / "fresh.sqlite")
+    assert set(fresh.statuses(j.key for j in plan.jobs).values()) == {"done"}
+    build_leaderboard(fresh, rebuilt)
+    assert (rebuilt / "results.csv").read_text() == (out / "results.csv").read_text()
+    assert (rebuilt / "README.md").read_text().replace("fresh.sqlite", "results.sqlite") == \
+        (out / "README.md").read_text()
+    assert "-entropy_map.png" in (rebuilt / "index.html").read_text()
+    # importing into the database that ran the jobs keeps its fuller rows
+    assert db.import_done(read_results_csv(out / "results.csv")) == (0, 8)
+    assert db.rows(status="done")[0]["result"] is not None
+
+
+def test_import_refuses_a_file_that_is_not_a_results_csv(tmp_path):
+    bad = tmp_path / "other.csv"
+    bad.write_text("a,b\n1,2\n")
+    proc = subprocess.run([sys.executable, "-m", "cgd_defense.cli", "leaderboard", "import", str(bad),
+                           "--db", str(tmp_path / "x.sqlite")], capture_output=True, text=True, cwd=PROJECT_ROOT)
+    assert proc.returncode == 2 and "not a cgd-bench results.csv (missing columns:" in proc.stderr
 
 
 def test_build_cli_and_grid_filter(filled_db, tmp_path):

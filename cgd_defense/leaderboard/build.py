@@ -3,9 +3,15 @@ index.html (one self-contained page), PNG plots, and the runs' entropy maps.
 
 Everything is derived from the database alone (plus the PNG files the run folders hold), so the
 leaderboard can be rebuilt at any time while a grid is still running.
+
+The database itself is not committed; `results.csv` is. `read_results_csv` turns that export back
+into database rows (`cgd-bench leaderboard import`), so a fresh checkout resumes a grid without
+rerunning its finished jobs and rebuilds the same leaderboard. The CSV holds every column the tables
+read, not the full result.json of each run.
 """
 from __future__ import annotations
 
+import calendar
 import csv
 import io
 import json
@@ -32,11 +38,16 @@ def _slug(*parts: str) -> str:
 
 
 def _copy_maps(rows: list[dict], flat: list[dict], out: Path) -> None:
-    """Copy each run's PNG figures (e.g. CGD's entropy map) to out/maps/ and link them from the row."""
+    """Copy each run's PNG figures (e.g. CGD's entropy map) to out/maps/ and link them from the row.
+    A row whose run folder is not on this machine (imported from results.csv) keeps the figures an
+    earlier build copied there."""
     for row, f in zip(rows, flat):
         f["maps"] = []
         run_dir = Path(row["run_dir"]) if row.get("run_dir") else None
-        if row["status"] != "done" or run_dir is None or not run_dir.is_dir():
+        if row["status"] != "done":
+            continue
+        if run_dir is None or not run_dir.is_dir():
+            f["maps"] = [f"maps/{p.name}" for p in sorted((out / "maps").glob(f"{row['job_key'][:12]}-*.png"))]
             continue
         for png in sorted(run_dir.glob("*.png")):
             target = out / "maps" / f"{row['job_key'][:12]}-{png.name}"
@@ -57,6 +68,56 @@ def write_csv(rows: list[dict], flat: list[dict], path: Path) -> None:
                                  if f.get("finished_at") else "")
         writer.writerow(record)
     atomic_write_text(path, buf.getvalue())
+
+
+def _number(text: str, kind=float):
+    return None if text == "" else kind(float(text)) if kind is int else kind(text)
+
+
+def read_results_csv(path: str | Path) -> list[dict]:
+    """The finished jobs of a `results.csv` as database rows (the inverse of `tables.flat_row` for
+    every column the CSV holds), in file order, each with its `grid`."""
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        missing = sorted(set(CSV_COLUMNS) - set(reader.fieldnames or []))
+        if missing:
+            from ..errors import CGDError
+
+            raise CGDError(f"{path}: not a cgd-bench results.csv (missing columns: {', '.join(missing)})")
+        records = [r for r in reader if r["status"] == "done"]
+    rows = []
+    for r in records:
+        n_suspect, fraction = _number(r["split_n_suspect"], int), _number(r["split_suspect_fraction"])
+        n_train = _number(r["n_train"], int)
+        split = None
+        if any(r[c] != "" for c in CSV_COLUMNS if c.startswith("split_")):
+            split = {"suspect_tpr": _number(r["split_tpr"]), "suspect_fpr": _number(r["split_fpr"]),
+                     "clean_part_poison_rate": _number(r["split_clean_part_poison_rate"]),
+                     "n_clean_part": _number(r["split_n_clean"], int), "n_suspect_part": n_suspect,
+                     "n_rest": _number(r["split_n_rest"], int),
+                     "n_total": (round(n_suspect / fraction) if n_suspect and fraction
+                                 else n_train if fraction is not None else None)}
+            if r["split_auroc_score"]:
+                split[r["split_auroc_score"]] = _number(r["split_auroc"])
+        times = {"defense": _number(r["defense_s"]), "backdoor_training": _number(r["backdoor_training_s"]),
+                 "total": _number(r["total_s"])}
+        rows.append({
+            "grid": r["grid"], "job_key": r["job_key"], "status": "done", "dataset": r["dataset"],
+            "preset": r["preset"], "attack": r["attack_name"], "attack_label": r["attack"],
+            "attack_family": r["family"] or None, "defense": r["defense_name"], "defense_label": r["defense"],
+            "threat_model": r["threat_model"] or None, "clip": r["clip"] or None, "seed": int(r["seed"]),
+            **{k: _number(r[k]) for k in ("clean_acc", "asr", "ra", "der", "nd_clean_acc", "nd_asr", "nd_ra",
+                                          "total_s", "peak_rss_mb", "peak_gpu_mb", "cpu_s")},
+            "split": split, "stage_times": {k: v for k, v in times.items() if v is not None},
+            "data": {"n_train": n_train} if n_train is not None else None,
+            "config": {"defense_params": json.loads(r["defense_params"]) if r["defense_params"] else None,
+                       "imported_from": Path(path).name},
+            "clip_info": json.loads(r["clip_info"]) if r["clip_info"] else None,
+            "git_commit": r["git_commit"] or None, "host": r["host"] or None, "error": r["error"] or None,
+            "finished_at": (calendar.timegm(time.strptime(r["finished_at"], "%Y-%m-%dT%H:%M:%SZ"))
+                            if r["finished_at"] else None),
+        })
+    return rows
 
 
 def readme(flat: list[dict], plots: dict[tuple, list[str]], db_path: Path) -> str:

@@ -161,6 +161,40 @@ class ResultsDB:
                  result.get("git_commit"), dumps(result.get("versions")), dumps(result), run_dir, host,
                  time.time(), key))
 
+    def import_done(self, rows: Iterable[dict]) -> tuple[int, int]:
+        """Add finished jobs exported elsewhere (`build.read_results_csv`) and their grid membership.
+        A job this database already had as done keeps its own, fuller row. Returns the number of jobs
+        added and of jobs kept (a job listed by several grids counts once)."""
+        added: set[str] = set()
+        positions: dict[str, int] = {}
+        dumps = lambda v: None if v is None else json.dumps(v, sort_keys=True)  # noqa: E731
+        with closing(self._connect()) as conn, conn:
+            done_before = {r[0] for r in conn.execute("SELECT job_key FROM jobs WHERE status = 'done'")}
+            kept = set()
+            for row in rows:
+                position = positions[row["grid"]] = positions.get(row["grid"], -1) + 1
+                conn.execute("INSERT OR IGNORE INTO grid_jobs VALUES (?, ?, ?)", (row["grid"], row["job_key"], position))
+                if row["job_key"] in done_before:
+                    kept.add(row["job_key"])
+                    continue
+                conn.execute("DELETE FROM jobs WHERE job_key = ?", (row["job_key"],))
+                conn.execute(
+                    "INSERT INTO jobs (job_key, dataset, preset, attack, attack_label, attack_family, defense, "
+                    "defense_label, threat_model, clip, seed, config_json, status, clean_acc, asr, ra, der, "
+                    "nd_clean_acc, nd_asr, nd_ra, split_json, stage_times_json, total_s, peak_rss_mb, peak_gpu_mb, "
+                    "cpu_s, clip_info_json, data_json, git_commit, host, error, created_at, finished_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'done', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+                    "?, ?, ?, ?, ?)",
+                    (row["job_key"], row["dataset"], row["preset"], row["attack"], row["attack_label"],
+                     row["attack_family"], row["defense"], row["defense_label"], row["threat_model"], row["clip"],
+                     row["seed"], dumps(row["config"]), row["clean_acc"], row["asr"], row["ra"], row["der"],
+                     row["nd_clean_acc"], row["nd_asr"], row["nd_ra"], dumps(row["split"]),
+                     dumps(row["stage_times"]), row["total_s"], row["peak_rss_mb"], row["peak_gpu_mb"],
+                     row["cpu_s"], dumps(row["clip_info"]), dumps(row["data"]), row["git_commit"], row["host"],
+                     row["error"], time.time(), row["finished_at"]))
+                added.add(row["job_key"])
+        return len(added), len(kept)
+
     # ------------------------------------------------------------------------------------------ reads
 
     def statuses(self, keys: Iterable[str]) -> dict[str, str]:

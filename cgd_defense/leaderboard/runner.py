@@ -55,6 +55,7 @@ def execute_job(run_config: dict, torch_threads: int | None = None) -> dict:
     try:
         with tempfile.TemporaryDirectory(prefix="cgd-job-") as tmp:
             outcome["result"] = run(RunConfig(**run_config), tmp)
+            outcome["host"] = describe_host(outcome["result"].get("machine") or {})
             for path in sorted(Path(tmp).iterdir()):
                 if path.is_file() and path.name != "result.json" and path.stat().st_size <= RUN_FILE_LIMIT:
                     outcome["files"][path.name] = path.read_bytes()
@@ -67,6 +68,13 @@ def execute_job(run_config: dict, torch_threads: int | None = None) -> dict:
     outcome["peak_gpu_mb"] = (round(torch.cuda.max_memory_allocated() / 2**20, 1)
                               if torch.cuda.is_available() and torch.cuda.is_initialized() else None)
     return outcome
+
+
+def describe_host(machine: dict) -> str:
+    """The host name and what the job ran on, so that a wall time can be read: 'vm (NVIDIA H200)',
+    'vm (2 CPUs)'."""
+    gpu = machine.get("cuda")
+    return f"{socket.gethostname()} ({gpu if gpu and gpu != 'none' else str(machine.get('cpus', '?')) + ' CPUs'})"
 
 
 # ---------------------------------------------------------------------------------------------- backends
