@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from cgd_defense.data import get_dataset_info, load_split, stratified_holdout
 from cgd_defense.harness.cache import Cache
-from cgd_defense.harness.precision import autocast
+from cgd_defense.harness.precision import autocast, keep_freed_memory
 from cgd_defense.harness.presets import get_preset
 from cgd_defense.harness.trainer import predict, train
 from cgd_defense.models import Classifier, create_model
@@ -83,7 +83,10 @@ def main():
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--epochs", type=float, default=None, help="override the preset's epochs (to explore a schedule)")
     args = ap.parse_args()
-    out = {"machine": {"platform": platform.platform(), "threads": torch.get_num_threads()}, "throughput": []}
+    # as every training in the package does (the trainer calls it); CGD_MALLOC_TUNING=0 measures without
+    malloc_tuned = keep_freed_memory()
+    out = {"machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "malloc_tuned": malloc_tuned},
+           "throughput": []}
     if not args.skip_throughput:
         print(f"{'model':<16} {'fp32 img/s':>11} {'bf16+CL img/s':>14} {'speed-up':>9}")
         for name in args.models:

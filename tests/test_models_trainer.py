@@ -78,3 +78,20 @@ def test_train_config_rejects_bad_values():
         TrainConfig(epochs=0)
     with pytest.raises(ValueError):
         TrainConfig(optimizer="lbfgs")
+
+
+def test_a_model_first_moved_by_predict_can_still_be_trained():
+    """`predict` may move a model to another layout or device (ASD and DBD score a fresh model
+    before training it; FP reads activations before fine-tuning). Done inside inference mode, the
+    copied weights became inference tensors and the next training step failed (seen on CUDA in
+    ASD's MixMatch loop); channels_last on the CPU takes the same path."""
+    torch.manual_seed(0)
+    model = Classifier(create_model("fastnet_small", 10), (0.5,) * 3, (0.25,) * 3)
+    model = model.to(memory_format=torch.contiguous_format)
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (64,))
+    before = predict(model, images, channels_last=True)
+    assert before.shape == (64, 10)
+    assert not any(p.is_inference() for p in model.parameters())
+    result = train(model, images, labels, TrainConfig(epochs=1, batch_size=32, augment=False), desc="t")
+    assert result.steps == 2 and not torch.equal(predict(model, images), before)

@@ -38,23 +38,23 @@ from .base import Defense, register_defense
 from .clean_source import CleanDataParams, resolve_clean_data
 
 
-@torch.inference_mode()
 def last_stage_statistics(model: Classifier, images: torch.Tensor, *, batch_size: int = 512, device=None,
                           precision: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Per sample: the spatial mean activation of each channel of `model.stages[-1]` (what FP ranks
     by) and the pooled features the classifier reads (what the pruning loop scores)."""
     device = resolve_device(device)
     bf16 = use_bf16(precision, device)
-    model.to(device).eval()
+    model.to(device).eval()  # outside inference mode: FP fine-tunes this model afterwards (see `predict`)
     captured: list[torch.Tensor] = []
     handle = model.stages[-1].register_forward_hook(lambda m, i, out: captured.append(out.float().mean((2, 3)).cpu()))
     features = []
     try:
-        for start in range(0, len(images), batch_size):
-            x = images[start:start + batch_size].to(device)
-            x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
-            with autocast(bf16, device):
-                features.append(model.forward_features(x).float().cpu())
+        with torch.inference_mode():
+            for start in range(0, len(images), batch_size):
+                x = images[start:start + batch_size].to(device)
+                x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+                with autocast(bf16, device):
+                    features.append(model.forward_features(x).float().cpu())
     finally:
         handle.remove()
     return torch.cat(captured), torch.cat(features)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..config import StrictModel
 from .augment import random_crop_flip
-from .precision import autocast, resolve_device, use_bf16
+from .precision import autocast, keep_freed_memory, resolve_device, use_bf16
 
 
 class TrainConfig(StrictModel):
@@ -106,6 +106,8 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
           optimizer: torch.optim.Optimizer | None = None) -> TrainResult:
     """Train `model` (a `Classifier`, taking [0, 1] images) in place on `images[indices]`."""
     device = resolve_device(device)
+    if device.type == "cpu":
+        keep_freed_memory()
     bf16 = use_bf16(cfg.precision, device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(device=device, memory_format=memory_format).train()
@@ -185,21 +187,23 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
     return result
 
 
-@torch.inference_mode()
 def predict(model: nn.Module, images: torch.Tensor, *, batch_size: int = 1024, device=None,
             precision: str = "auto", channels_last: bool = True, features: bool = False) -> torch.Tensor:
     """Logits (or penultimate features) for uint8 or [0, 1] images, in fp32 on the CPU."""
     device = resolve_device(device)
     bf16 = use_bf16(precision, device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    # Moved outside inference mode: weights copied to another device or layout inside it become
+    # inference tensors, which a later training step of the same model cannot update.
     model.to(device=device, memory_format=memory_format).eval()
     outs = []
-    for start in range(0, len(images), batch_size):
-        x = images[start:start + batch_size].to(device)
-        x = (x.float().div_(255) if x.dtype == torch.uint8 else x.float()).contiguous(memory_format=memory_format)
-        with autocast(bf16, device):
-            out = model.forward_features(x) if features else model(x)
-        outs.append(out.float().cpu())
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            x = images[start:start + batch_size].to(device)
+            x = (x.float().div_(255) if x.dtype == torch.uint8 else x.float()).contiguous(memory_format=memory_format)
+            with autocast(bf16, device):
+                out = model.forward_features(x) if features else model(x)
+            outs.append(out.float().cpu())
     if not outs:
         return torch.empty(0)
     return torch.cat(outs)
