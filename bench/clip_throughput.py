@@ -4,7 +4,7 @@
   image through PIL and open_clip's own eval transform (resize, centre crop, to tensor, normalise),
   batches of 256, fp32, `torch.no_grad`.
 - ours: `ClipModel.encode_images`: the resize and normalisation on whole uint8 batches,
-  inference_mode, bf16 autocast and channels_last where the CPU has AMX (`harness.precision`).
+  inference_mode, bf16 autocast and channels_last where the CPU computes bf16 natively (AMX or AVX512-BF16, `harness.precision`).
 - cached rerun: `zero_shot_logits` over the dataset's whole training set once its image features are
   in the cache (a fresh process reads them from disk: we clear the in-process memo first).
 

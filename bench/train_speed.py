@@ -21,12 +21,20 @@ import torch.nn.functional as F
 
 from cgd_defense.data import get_dataset_info, load_split, stratified_holdout
 from cgd_defense.harness.cache import Cache
-from cgd_defense.harness.precision import autocast, keep_freed_memory
+from cgd_defense.harness.precision import autocast, cpu_has_native_bf16, keep_freed_memory
 from cgd_defense.harness.presets import get_preset
 from cgd_defense.harness.trainer import predict, train
 from cgd_defense.models import Classifier, create_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor()
 
 
 def throughput(model_name: str, bf16: bool, batch_size: int = 256, steps: int = 6) -> float:
@@ -85,7 +93,8 @@ def main():
     args = ap.parse_args()
     # as every training in the package does (the trainer calls it); CGD_MALLOC_TUNING=0 measures without
     malloc_tuned = keep_freed_memory()
-    out = {"machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "malloc_tuned": malloc_tuned},
+    out = {"machine": {"platform": platform.platform(), "cpu": cpu_model(), "threads": torch.get_num_threads(),
+                       "native_bf16": cpu_has_native_bf16(), "malloc_tuned": malloc_tuned},
            "throughput": []}
     if not args.skip_throughput:
         print(f"{'model':<16} {'fp32 img/s':>11} {'bf16+CL img/s':>14} {'speed-up':>9}")

@@ -38,6 +38,9 @@ def _register_attack_files(files: tuple[str, ...]) -> None:
 @click.version_option(package_name="cgd-bench")
 def cli():
     """cgd-bench: CLIP-Guided backdoor Defense and its benchmark."""
+    from .harness.precision import keep_freed_memory
+
+    keep_freed_memory()  # every command's CPU work (training loops, fits, scoring) allocates per step
 
 
 # ---------------------------------------------------------------------------------------------- run

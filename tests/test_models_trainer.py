@@ -95,3 +95,26 @@ def test_a_model_first_moved_by_predict_can_still_be_trained():
     assert not any(p.is_inference() for p in model.parameters())
     result = train(model, images, labels, TrainConfig(epochs=1, batch_size=32, augment=False), desc="t")
     assert result.steps == 2 and not torch.equal(predict(model, images), before)
+
+
+@pytest.mark.parametrize("flags, native", [("fpu avx2 avx512f avx512_bf16", True), ("fpu amx_bf16 amx_tile", True),
+                                           ("fpu avx2 avx512f avx512_vnni", False)])
+def test_bf16_is_used_on_cpus_that_compute_it_in_hardware(tmp_path, flags, native):
+    from cgd_defense.harness.precision import cpu_has_native_bf16
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: test\nflags\t\t: {flags}\n")
+    assert cpu_has_native_bf16(str(cpuinfo)) is native
+    assert cpu_has_native_bf16(str(tmp_path / "missing")) is False
+
+
+def test_keeping_freed_memory_is_set_on_glibc_and_can_be_turned_off(monkeypatch):
+    import platform
+
+    from cgd_defense.harness.precision import keep_freed_memory
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc's mallopt only")
+    assert keep_freed_memory.__wrapped__() is True
+    monkeypatch.setenv("CGD_MALLOC_TUNING", "0")
+    assert keep_freed_memory.__wrapped__() is False

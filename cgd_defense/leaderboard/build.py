@@ -70,8 +70,10 @@ def write_csv(rows: list[dict], flat: list[dict], path: Path) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-def _number(text: str, kind=float):
-    return None if text == "" else kind(float(text)) if kind is int else kind(text)
+def _number(text: str, integer: bool = False) -> float | int | None:
+    if text == "":
+        return None
+    return int(float(text)) if integer else float(text)
 
 
 def read_results_csv(path: str | Path) -> list[dict]:
@@ -87,14 +89,14 @@ def read_results_csv(path: str | Path) -> list[dict]:
         records = [r for r in reader if r["status"] == "done"]
     rows = []
     for r in records:
-        n_suspect, fraction = _number(r["split_n_suspect"], int), _number(r["split_suspect_fraction"])
-        n_train = _number(r["n_train"], int)
+        n_suspect, fraction = _number(r["split_n_suspect"], integer=True), _number(r["split_suspect_fraction"])
+        n_train = _number(r["n_train"], integer=True)
         split = None
         if any(r[c] != "" for c in CSV_COLUMNS if c.startswith("split_")):
             split = {"suspect_tpr": _number(r["split_tpr"]), "suspect_fpr": _number(r["split_fpr"]),
                      "clean_part_poison_rate": _number(r["split_clean_part_poison_rate"]),
-                     "n_clean_part": _number(r["split_n_clean"], int), "n_suspect_part": n_suspect,
-                     "n_rest": _number(r["split_n_rest"], int),
+                     "n_clean_part": _number(r["split_n_clean"], integer=True), "n_suspect_part": n_suspect,
+                     "n_rest": _number(r["split_n_rest"], integer=True),
                      "n_total": (round(n_suspect / fraction) if n_suspect and fraction
                                  else n_train if fraction is not None else None)}
             if r["split_auroc_score"]:

@@ -76,6 +76,10 @@ JSON_COLUMNS = ("config_json", "split_json", "stage_times_json", "clip_info_json
                 "result_json")
 
 
+def _json_or_none(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, sort_keys=True)
+
+
 def default_db_path() -> Path:
     env = os.environ.get("CGD_RESULTS_DB")
     return Path(env).expanduser() if env else PROJECT_ROOT / "leaderboard" / "results.sqlite"
@@ -147,7 +151,6 @@ class ResultsDB:
     def record_result(self, key: str, result: dict, *, peak_rss_mb: float | None, peak_gpu_mb: float | None,
                       host: str | None, run_dir: str | None, cpu_s: float | None = None) -> None:
         nd = result.get("no_defense") or {}
-        dumps = lambda v: None if v is None else json.dumps(v, sort_keys=True)  # noqa: E731
         with closing(self._connect()) as conn, conn:
             conn.execute(
                 "UPDATE jobs SET status = 'done', error = NULL, clean_acc = ?, asr = ?, ra = ?, der = ?, "
@@ -155,10 +158,10 @@ class ResultsDB:
                 "peak_rss_mb = ?, peak_gpu_mb = ?, cpu_s = ?, clip_info_json = ?, data_json = ?, git_commit = ?, "
                 "versions_json = ?, result_json = ?, run_dir = ?, host = ?, finished_at = ? WHERE job_key = ?",
                 (result.get("clean_acc"), result.get("asr"), result.get("ra"), result.get("der"),
-                 nd.get("clean_acc"), nd.get("asr"), nd.get("ra"), dumps(result.get("split")),
-                 dumps(result.get("stage_times")), (result.get("stage_times") or {}).get("total"),
-                 peak_rss_mb, peak_gpu_mb, cpu_s, dumps(clip_info(result)), dumps(result.get("data")),
-                 result.get("git_commit"), dumps(result.get("versions")), dumps(result), run_dir, host,
+                 nd.get("clean_acc"), nd.get("asr"), nd.get("ra"), _json_or_none(result.get("split")),
+                 _json_or_none(result.get("stage_times")), (result.get("stage_times") or {}).get("total"),
+                 peak_rss_mb, peak_gpu_mb, cpu_s, _json_or_none(clip_info(result)), _json_or_none(result.get("data")),
+                 result.get("git_commit"), _json_or_none(result.get("versions")), _json_or_none(result), run_dir, host,
                  time.time(), key))
 
     def import_done(self, rows: Iterable[dict]) -> tuple[int, int]:
@@ -167,13 +170,13 @@ class ResultsDB:
         added and of jobs kept (a job listed by several grids counts once)."""
         added: set[str] = set()
         positions: dict[str, int] = {}
-        dumps = lambda v: None if v is None else json.dumps(v, sort_keys=True)  # noqa: E731
         with closing(self._connect()) as conn, conn:
             done_before = {r[0] for r in conn.execute("SELECT job_key FROM jobs WHERE status = 'done'")}
             kept = set()
             for row in rows:
                 position = positions[row["grid"]] = positions.get(row["grid"], -1) + 1
-                conn.execute("INSERT OR IGNORE INTO grid_jobs VALUES (?, ?, ?)", (row["grid"], row["job_key"], position))
+                conn.execute("INSERT OR IGNORE INTO grid_jobs VALUES (?, ?, ?)",
+                             (row["grid"], row["job_key"], position))
                 if row["job_key"] in done_before:
                     kept.add(row["job_key"])
                     continue
@@ -187,11 +190,11 @@ class ResultsDB:
                     "?, ?, ?, ?, ?)",
                     (row["job_key"], row["dataset"], row["preset"], row["attack"], row["attack_label"],
                      row["attack_family"], row["defense"], row["defense_label"], row["threat_model"], row["clip"],
-                     row["seed"], dumps(row["config"]), row["clean_acc"], row["asr"], row["ra"], row["der"],
-                     row["nd_clean_acc"], row["nd_asr"], row["nd_ra"], dumps(row["split"]),
-                     dumps(row["stage_times"]), row["total_s"], row["peak_rss_mb"], row["peak_gpu_mb"],
-                     row["cpu_s"], dumps(row["clip_info"]), dumps(row["data"]), row["git_commit"], row["host"],
-                     row["error"], time.time(), row["finished_at"]))
+                     row["seed"], _json_or_none(row["config"]), row["clean_acc"], row["asr"], row["ra"], row["der"],
+                     row["nd_clean_acc"], row["nd_asr"], row["nd_ra"], _json_or_none(row["split"]),
+                     _json_or_none(row["stage_times"]), row["total_s"], row["peak_rss_mb"], row["peak_gpu_mb"],
+                     row["cpu_s"], _json_or_none(row["clip_info"]), _json_or_none(row["data"]), row["git_commit"],
+                     row["host"], row["error"], time.time(), row["finished_at"]))
                 added.add(row["job_key"])
         return len(added), len(kept)
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from ..harness.cache import atomic_write_bytes
+from ..harness.precision import keep_freed_memory
 from ..harness.trainer import progress_enabled
 from .db import ResultsDB
 from .grid import GridError, GridPlan, Job
@@ -49,6 +50,7 @@ def execute_job(run_config: dict, torch_threads: int | None = None) -> dict:
     from ..harness.pipeline import RunConfig, run
 
     os.environ["CGD_PROGRESS"] = "0"  # the grid's bar is the one progress bar
+    keep_freed_memory()
     if torch_threads:
         torch.set_num_threads(torch_threads)
     outcome: dict[str, Any] = {"host": socket.gethostname(), "files": {}}
