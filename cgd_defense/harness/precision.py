@@ -3,7 +3,7 @@ bench/train_speed.py).
 
 bf16 autocast with channels_last runs convnets 3-4x faster than fp32 on CPUs with AMX (Intel
 Sapphire Rapids and later) and about 2x faster on CPUs with AVX512-BF16 (measured on an AMD EPYC:
-FastNet 322 -> 697 img/s, PreActResNet-18 103 -> 207 img/s, batch 256, 2 threads); on CPUs with
+FastNet 307 -> 641 img/s, PreActResNet-18 98 -> 192 img/s, batch 256, 2 threads); on CPUs with
 neither, bf16 is emulated and can be slower, so `auto` enables it only with one of the two.
 """
 from __future__ import annotations
