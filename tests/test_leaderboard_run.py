@@ -69,6 +69,19 @@ def test_grid_run_records_one_complete_row_per_job(first_run):
     assert "ran 2 (2 done, 0 failed)" in proc.stdout
 
 
+def test_only_runs_the_matching_jobs_and_leaves_the_rest_unfinished(first_run, tiny_grid, mini_root,
+                                                                    session_cache_dir, tmp_path):
+    db = tmp_path / "results.sqlite"  # a fresh database; the backdoored models come from the session cache
+    proc = cli("grid", "run", str(tiny_grid), "--db", str(db), "--data-root", str(mini_root),
+               "--cache-dir", str(session_cache_dir), "--only", "cifar10/badnets/*")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ran 1 (1 done, 0 failed)" in proc.stdout and "1 unfinished job(s) left out by --only" in proc.stdout
+    assert {a: r["status"] for a, r in job_rows(db).items()} == {"badnets": "done", "clean": "pending"}
+    proc = cli("grid", "run", str(tiny_grid), "--db", str(db), "--data-root", str(mini_root),
+               "--cache-dir", str(session_cache_dir), "--only", "nothing*")
+    assert proc.returncode == 0 and "ran 0" in proc.stdout and "1 unfinished job(s) left out" in proc.stdout
+
+
 def test_rerun_skips_finished_jobs(first_run, tiny_grid, mini_root, session_cache_dir):
     db, _ = first_run
     before = job_rows(db)

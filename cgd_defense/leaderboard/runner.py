@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import multiprocessing
 import os
@@ -176,6 +177,7 @@ class GridRunSummary:
     skipped_unregistered: int = 0
     kept_failed: int = 0
     repeated_interrupted: int = 0
+    left_out: int = 0
     elapsed_s: float = 0.0
     job_seconds: list[float] = field(default_factory=list)
 
@@ -188,6 +190,8 @@ class GridRunSummary:
             out.append(f"{self.skipped_unregistered} job(s) recorded as skipped: attack or defense not registered")
         if self.kept_failed:
             out.append(f"{self.kept_failed} job(s) failed earlier and were not retried (use --retry-failed)")
+        if self.left_out:
+            out.append(f"{self.left_out} unfinished job(s) left out by --only")
         out.extend(f"failed: {name}" for name in self.failed[:FAILURES_LISTED])
         if len(self.failed) > FAILURES_LISTED:
             out.append(f"... and {len(self.failed) - FAILURES_LISTED} more failed jobs (see `cgd-bench grid show`)")
@@ -242,8 +246,10 @@ def run_grid(plan: GridPlan, db: ResultsDB, *, backend: str = "local", workers: 
              retry_failed: bool = False, skip_unregistered: bool = False, data_root: str | None = None,
              cache_dir: str | None = None, device: str | None = None, runs_dir: str | os.PathLike | None = None,
              address: str | None = None, cpus_per_job: float | None = None, gpus_per_job: float | None = None,
-             ray_num_cpus: int | None = None) -> GridRunSummary:
-    """Run every unfinished job of `plan`, recording each in `db` as it finishes."""
+             ray_num_cpus: int | None = None, only: list[str] | None = None) -> GridRunSummary:
+    """Run every unfinished job of `plan` (with `only`, those whose description, e.g.
+    'cifar10/badnets/asd seed=0', matches one of these shell patterns), recording each in `db` as it
+    finishes."""
     if plan.unregistered_names and not skip_unregistered:
         raise unregistered_error(plan)
     grid = plan.spec.name
@@ -262,8 +268,12 @@ def run_grid(plan: GridPlan, db: ResultsDB, *, backend: str = "local", workers: 
         elif state == "failed" and not retry_failed:
             summary.kept_failed += 1
         else:
-            summary.repeated_interrupted += state == "running"
             to_run.append(job)
+    if only:
+        chosen = [j for j in to_run if any(fnmatch.fnmatchcase(j.describe(), pattern) for pattern in only)]
+        summary.left_out = len(to_run) - len(chosen)
+        to_run = chosen
+    summary.repeated_interrupted = sum(status.get(j.key) == "running" for j in to_run)
 
     if not to_run:
         return summary
