@@ -296,7 +296,8 @@ def run_grid(plan: GridPlan, db: ResultsDB, *, backend: str = "local", workers: 
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(plan.jobs), initial=len(plan.jobs) - len(to_run), desc=f"grid {grid}", unit="job",
+    in_scope = len(plan.jobs) - summary.left_out  # the bar counts what this run could finish
+    bar = tqdm(total=in_scope, initial=in_scope - len(to_run), desc=f"grid {grid}", unit="job",
                disable=not progress_enabled(), dynamic_ncols=True)
     scheduler = _Scheduler(to_run)
     in_flight: dict[Any, Job] = {}
