@@ -34,6 +34,7 @@ from typing import Any, Callable, Protocol
 
 from ..harness.cache import atomic_write_bytes
 from ..harness.precision import keep_freed_memory
+from ..harness.provenance import machine
 from ..harness.trainer import progress_enabled
 from .db import ResultsDB
 from .grid import GridError, GridPlan, Job
@@ -54,11 +55,10 @@ def execute_job(run_config: dict, torch_threads: int | None = None) -> dict:
     keep_freed_memory()
     if torch_threads:
         torch.set_num_threads(torch_threads)
-    outcome: dict[str, Any] = {"host": socket.gethostname(), "files": {}}
+    outcome: dict[str, Any] = {"host": describe_host(machine()), "files": {}}
     try:
         with tempfile.TemporaryDirectory(prefix="cgd-job-") as tmp:
             outcome["result"] = run(RunConfig(**run_config), tmp)
-            outcome["host"] = describe_host(outcome["result"].get("machine") or {})
             for path in sorted(Path(tmp).iterdir()):
                 if path.is_file() and path.name != "result.json" and path.stat().st_size <= RUN_FILE_LIMIT:
                     outcome["files"][path.name] = path.read_bytes()
@@ -73,11 +73,11 @@ def execute_job(run_config: dict, torch_threads: int | None = None) -> dict:
     return outcome
 
 
-def describe_host(machine: dict) -> str:
-    """The host name and what the job ran on, so that a wall time can be read: 'vm (NVIDIA H200)',
-    'vm (2 CPUs)'."""
-    gpu = machine.get("cuda")
-    return f"{socket.gethostname()} ({gpu if gpu and gpu != 'none' else str(machine.get('cpus', '?')) + ' CPUs'})"
+def describe_host(machine_info: dict) -> str:
+    """The host name and what the job ran on (`provenance.machine()`), so that a wall time can be
+    read: 'vm (NVIDIA H200)', 'vm (2 CPUs)'."""
+    gpu = machine_info.get("cuda")
+    return f"{socket.gethostname()} ({gpu if gpu and gpu != 'none' else str(machine_info.get('cpus', '?')) + ' CPUs'})"
 
 
 # ---------------------------------------------------------------------------------------------- backends
