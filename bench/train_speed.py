@@ -4,6 +4,7 @@ the `cpu` preset's clean accuracy on the full CIFAR-10 test set against wall tim
     python bench/train_speed.py --data-root ~/data/cifar10            # both parts
     python bench/train_speed.py --skip-preset                          # throughput only
     python bench/train_speed.py --skip-throughput --epochs 12          # the preset with another schedule
+    python bench/train_speed.py --skip-throughput --seed 1 --out bench/results/train_speed_seed1.json
 
 Prints a table and writes bench/results/train_speed.json. The per-epoch curve is measured on the
 validation split (the preset's hold-out); the test set is evaluated once, at the end.
@@ -56,7 +57,7 @@ def throughput(model_name: str, bf16: bool, batch_size: int = 256, steps: int = 
     return batch_size * steps / (time.perf_counter() - t0)
 
 
-def preset_curve(preset_name: str, data_root: str, cache: Cache, epochs: float | None = None) -> dict:
+def preset_curve(preset_name: str, data_root: str, cache: Cache, epochs: float | None = None, seed: int = 0) -> dict:
     preset = get_preset(preset_name)
     train_cfg = preset.train if epochs is None else preset.train.model_copy(update={"epochs": epochs})
     info = get_dataset_info("cifar10")
@@ -64,7 +65,7 @@ def preset_curve(preset_name: str, data_root: str, cache: Cache, epochs: float |
     full = load_split("cifar10", data_root, True, cache=cache)
     test = load_split("cifar10", data_root, False, cache=cache)
     train_idx, val_idx = stratified_holdout(full.labels, preset.val_fraction, 0)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = Classifier(create_model(preset.model, 10), info.mean, info.std)
     curve = []
 
@@ -74,10 +75,10 @@ def preset_curve(preset_name: str, data_root: str, cache: Cache, epochs: float |
         print(f"  epoch {epoch}: val acc {100 * val_acc:.2f}%  at {curve[-1]['wall_s']:.0f}s", flush=True)
         return False
 
-    train(model, full.images, full.labels, train_cfg, indices=train_idx, seed=0, on_epoch_end=on_epoch_end,
+    train(model, full.images, full.labels, train_cfg, indices=train_idx, seed=seed, on_epoch_end=on_epoch_end,
           desc=f"{preset_name} preset")
     test_acc = float((predict(model, test.images).argmax(1) == test.labels).float().mean())
-    return {"preset": preset_name, "model": preset.model, "epochs": train_cfg.epochs, "n_train": len(train_idx),
+    return {"preset": preset_name, "model": preset.model, "epochs": train_cfg.epochs, "seed": seed, "n_train": len(train_idx),
             "curve": curve, "test_acc": test_acc, "wall_s": round(time.perf_counter() - t_start, 1)}
 
 
@@ -85,11 +86,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--preset", default="cpu")
-    ap.add_argument("--models", nargs="+", default=["fastnet", "fastnet_small", "preactresnet18", "resnet18"])
+    ap.add_argument("--models", nargs="+", default=["fastnet", "fastnet_small", "fastnet_whitened", "preactresnet18", "resnet18"])
     ap.add_argument("--skip-preset", action="store_true")
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--epochs", type=float, default=None, help="override the preset's epochs (to explore a schedule)")
+    ap.add_argument("--seed", type=int, default=0, help="model initialisation and batch order (the validation split stays)")
+    ap.add_argument("--out", type=Path, default=RESULTS / "train_speed.json")
     args = ap.parse_args()
     # as every training in the package does (the trainer calls it); CGD_MALLOC_TUNING=0 measures without
     malloc_tuned = keep_freed_memory()
@@ -104,12 +107,12 @@ def main():
             print(f"{name:<16} {fp32:>11.0f} {bf16:>14.0f} {bf16 / fp32:>8.2f}x", flush=True)
     if not args.skip_preset:
         print(f"\n{args.preset} preset on full CIFAR-10 (no attack):")
-        res = preset_curve(args.preset, args.data_root, Cache(args.cache_dir), args.epochs)
+        res = preset_curve(args.preset, args.data_root, Cache(args.cache_dir), args.epochs, args.seed)
         out["preset"] = res
         print(f"  test accuracy {100 * res['test_acc']:.2f}% after {res['wall_s']:.0f}s "
               f"(data loading included, {res['n_train']} training images)")
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / "train_speed.json"
+    path = args.out
+    path.parent.mkdir(parents=True, exist_ok=True)
     # A part skipped this time keeps its earlier measurement.
     previous = json.loads(path.read_text()) if path.exists() else {}
     if args.skip_throughput:

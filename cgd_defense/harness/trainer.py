@@ -8,6 +8,8 @@ fine-tuning) calls `train`, so speed work, seeding and precision policy live in 
 - `track_loss=True` records every sample's training loss each epoch (ABL, ASD need it).
 - `on_epoch_end(epoch, model) -> bool` may stop training early; callers must base that decision on
   a validation split carved from the training data, never on the test set.
+- A model with a data-dependent initialisation (`init_from_data`, e.g. a whitening stem) gets it
+  from the training pool before the first step.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from typing import Callable, Literal
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, SerializerFunctionWrapHandler, model_serializer
 from tqdm.auto import tqdm
 
 from ..config import StrictModel
@@ -45,6 +47,28 @@ class TrainConfig(StrictModel):
     max_iters_per_epoch: int | None = Field(None, ge=1)
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     channels_last: bool = True
+    # The fast-schedule options of airbench94 (Jordan, 2024), used by the `cpu` preset.
+    warmup_start: float = Field(0.0, ge=0, le=1, description="onecycle: learning-rate factor at step 0")
+    bias_lr_scale: float = Field(1.0, gt=0, description="learning-rate factor of 1-D parameters (norm shifts, biases)")
+    bias_weight_decay: float = Field(0.0, ge=0, description="weight decay of 1-D parameters")
+    lookahead: bool = Field(False, description="every 5 steps: slow copy <- moving average with the weights "
+                                               "(rate 0.95^5 x progress^3), then weights <- slow copy")
+    pad_mode: Literal["zeros", "reflect"] = "zeros"
+    flip: bool | Literal["alternating"] = Field(True, description="alternating: each image flipped on every "
+                                                                 "other epoch, from a random first choice")
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_extensions(self, handler: SerializerFunctionWrapHandler) -> dict:
+        # Cache keys and grid job keys hash this dump. Options added after results were recorded are
+        # left out while at their defaults, so every recipe that existed before keeps its key.
+        data = handler(self)
+        for name in _KEY_STABLE_OPTIONS:
+            if name in data and data[name] == TrainConfig.model_fields[name].default:
+                del data[name]
+        return data
+
+
+_KEY_STABLE_OPTIONS = ("warmup_start", "bias_lr_scale", "bias_weight_decay", "lookahead", "pad_mode")
 
 
 @dataclass
@@ -71,7 +95,7 @@ def _lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
     if cfg.schedule == "onecycle":
         def f(step):
             if step < warm:
-                return (step + 1) / warm
+                return cfg.warmup_start + (1 - cfg.warmup_start) * (step + 1) / warm
             return max(0.0, (total_steps - step) / max(1, total_steps - warm))
     elif cfg.schedule == "cosine":
         def f(step):
@@ -92,7 +116,8 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim > 1 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": cfg.bias_weight_decay, "lr": cfg.lr * cfg.bias_lr_scale}]
     if cfg.optimizer == "adam":
         return torch.optim.Adam(groups, lr=cfg.lr)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
@@ -125,10 +150,16 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
         steps_per_epoch = min(steps_per_epoch, cfg.max_iters_per_epoch)
     total_steps = max(1, int(round(cfg.epochs * steps_per_epoch)))
     n_epochs = math.ceil(total_steps / steps_per_epoch)
+    if hasattr(model, "init_from_data"):
+        # Its own generator: the batch order of every recipe stays what it was before this hook.
+        sample = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:5000]]
+        model.init_from_data(images[sample.to(images.device)])
     opt = optimizer or make_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, total_steps))
     sample_losses = torch.full((n_epochs, len(labels)), float("nan")) if track_loss else None
     result = TrainResult(epochs_run=0, steps=0, sample_losses=sample_losses)
+    slow_weights = _float_state(model) if cfg.lookahead else None
+    flip_first = (torch.rand(len(labels), generator=gen) < 0.5).to(device) if cfg.flip == "alternating" else None
     bar = tqdm(total=total_steps, desc=desc, disable=not progress_enabled(), leave=False, dynamic_ncols=True,
                mininterval=1.0)
     step = 0
@@ -147,7 +178,9 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
             idx_on_device = idx.to(device)
             x = images[idx_on_device].float().div_(255)
             if cfg.augment:
-                x = random_crop_flip(x, cfg.crop_padding, cfg.flip, gen)
+                flip_mask = None if flip_first is None else flip_first[idx_on_device] ^ bool(epoch % 2)
+                x = random_crop_flip(x, cfg.crop_padding, cfg.flip is True, gen, pad_mode=cfg.pad_mode,
+                                     flip_mask=flip_mask)
             x = x.contiguous(memory_format=memory_format)
             y = labels[idx_on_device]
             with autocast(bf16, device):
@@ -166,6 +199,8 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
             opt.step()
             sched.step()
             step += 1
+            if slow_weights is not None and step % 5 == 0:
+                _lookahead(model, slow_weights, rate=0.95 ** 5 * (step / total_steps) ** 3)
             loss_sum += loss.detach() * len(idx)
             correct += (logits.argmax(1) == y).sum()
             seen += len(idx)
@@ -185,6 +220,19 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
     bar.close()
     model.eval()
     return result
+
+
+def _float_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+
+@torch.no_grad()
+def _lookahead(model: nn.Module, slow: dict[str, torch.Tensor], rate: float) -> None:
+    """slow <- rate * slow + (1 - rate) * fast, then fast <- slow (BatchNorm statistics included)."""
+    for name, fast in model.state_dict().items():
+        if name in slow:
+            slow[name].lerp_(fast, 1 - rate)
+            fast.copy_(slow[name])
 
 
 def predict(model: nn.Module, images: torch.Tensor, *, batch_size: int = 1024, device=None,

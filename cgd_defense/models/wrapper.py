@@ -29,6 +29,11 @@ class Classifier(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.forward_features(self.normalize(x))
 
+    def init_from_data(self, images: torch.Tensor) -> None:
+        """Data-dependent initialisation for nets that have one (e.g. a whitening stem); no-op otherwise."""
+        if hasattr(self.net, "init_from_data"):
+            self.net.init_from_data(self.normalize(images))
+
     @property
     def classifier(self) -> nn.Linear:
         return self.net.classifier
