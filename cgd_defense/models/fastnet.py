@@ -131,7 +131,10 @@ class WhitenedFastNet(nn.Module):
     def init_from_data(self, x: torch.Tensor) -> None:
         """Set the stem to whiten 2x2 patches of `x` (normalised images): project on the
         eigenvectors of the patch covariance, scaled by 1/sqrt(eigenvalue). Once per model: a
-        trained or loaded model (whose `whitened` flag is set) is left as it is."""
+        trained or loaded model (whose `whitened` flag is set) is left as it is. The stem does not
+        subtract the patch mean (as in airbench): inputs must be normalised with their dataset's
+        statistics, as `Classifier` does, or directions of small variance start far off zero and
+        their GELUs dead."""
         if bool(self.whitened):
             return
         patches = x.float().unfold(2, 2, 1).unfold(3, 2, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, 12).double()
