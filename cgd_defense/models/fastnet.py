@@ -38,15 +38,8 @@ class FastStage(nn.Module):
         return x + self.conv2(x)
 
 
-class FastNet(nn.Module):
-    def __init__(self, num_classes: int = 10, widths=(64, 256, 256), stem_width: int = 32,
-                 logit_scale: float = 0.125):
-        super().__init__()
-        self.stem = _conv_bn(3, stem_width)
-        chans = [stem_width, *widths]
-        self.layers = nn.ModuleList(FastStage(chans[i], chans[i + 1]) for i in range(len(widths)))
-        self.linear = nn.Linear(widths[-1], num_classes, bias=False)
-        self.logit_scale = logit_scale
+class _StagesAndHead:
+    """What defenses read of a FastNet: its stages (`layers`) and its linear head (`linear`)."""
 
     @property
     def stages(self) -> list[nn.Module]:
@@ -55,6 +48,17 @@ class FastNet(nn.Module):
     @property
     def classifier(self) -> nn.Linear:
         return self.linear
+
+
+class FastNet(_StagesAndHead, nn.Module):
+    def __init__(self, num_classes: int = 10, widths=(64, 256, 256), stem_width: int = 32,
+                 logit_scale: float = 0.125):
+        super().__init__()
+        self.stem = _conv_bn(3, stem_width)
+        chans = [stem_width, *widths]
+        self.layers = nn.ModuleList(FastStage(chans[i], chans[i + 1]) for i in range(len(widths)))
+        self.linear = nn.Linear(widths[-1], num_classes, bias=False)
+        self.logit_scale = logit_scale
 
     def forward_features(self, x):
         x = self.stem(x)
@@ -106,7 +110,7 @@ class WhitenedStage(nn.Module):
         return self.act(self.norm2(self.conv2(x)))
 
 
-class WhitenedFastNet(nn.Module):
+class WhitenedFastNet(_StagesAndHead, nn.Module):
     def __init__(self, num_classes: int = 10, widths=(64, 256, 256), whiten_eps: float = 5e-4):
         super().__init__()
         # 2x2 patches of 3 channels: 12 eigen-directions, each kept with both signs (GELU follows).
@@ -118,14 +122,6 @@ class WhitenedFastNet(nn.Module):
         chans = [24, *widths]
         self.layers = nn.ModuleList(WhitenedStage(chans[i], chans[i + 1]) for i in range(len(widths)))
         self.linear = nn.Linear(widths[-1], num_classes, bias=False)
-
-    @property
-    def stages(self) -> list[nn.Module]:
-        return list(self.layers)
-
-    @property
-    def classifier(self) -> nn.Linear:
-        return self.linear
 
     @torch.no_grad()
     def init_from_data(self, x: torch.Tensor) -> None:
