@@ -8,8 +8,8 @@ fine-tuning) calls `train`, so speed work, seeding and precision policy live in 
 - `track_loss=True` records every sample's training loss each epoch (ABL, ASD need it).
 - `on_epoch_end(epoch, model) -> bool` may stop training early; callers must base that decision on
   a validation split carved from the training data, never on the test set.
-- A model with a data-dependent initialisation (`init_from_data`, e.g. a whitening stem) gets it
-  from the training pool before the first step.
+- A model that still needs its data-dependent initialisation (`needs_data_init`, e.g. a whitening
+  stem) gets it from the training pool before the first step.
 """
 from __future__ import annotations
 
@@ -150,7 +150,7 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
         steps_per_epoch = min(steps_per_epoch, cfg.max_iters_per_epoch)
     total_steps = max(1, int(round(cfg.epochs * steps_per_epoch)))
     n_epochs = math.ceil(total_steps / steps_per_epoch)
-    if hasattr(model, "init_from_data"):
+    if getattr(model, "needs_data_init", False):
         # Its own generator: the batch order of every recipe stays what it was before this hook.
         sample = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:5000]]
         model.init_from_data(images[sample.to(images.device)])

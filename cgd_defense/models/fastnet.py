@@ -123,6 +123,10 @@ class WhitenedFastNet(_StagesAndHead, nn.Module):
         self.layers = nn.ModuleList(WhitenedStage(chans[i], chans[i + 1]) for i in range(len(widths)))
         self.linear = nn.Linear(widths[-1], num_classes, bias=False)
 
+    @property
+    def needs_data_init(self) -> bool:
+        return not bool(self.whitened)
+
     @torch.no_grad()
     def init_from_data(self, x: torch.Tensor) -> None:
         """Set the stem to whiten 2x2 patches of `x` (normalised images): project on the
@@ -131,7 +135,7 @@ class WhitenedFastNet(_StagesAndHead, nn.Module):
         subtract the patch mean (as in airbench): inputs must be normalised with their dataset's
         statistics, as `Classifier` does, or directions of small variance start far off zero and
         their GELUs dead."""
-        if bool(self.whitened):
+        if not self.needs_data_init:
             return
         patches = x.float().unfold(2, 2, 1).unfold(3, 2, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, 12).double()
         patches = patches - patches.mean(0)

@@ -29,10 +29,13 @@ class Classifier(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.forward_features(self.normalize(x))
 
+    @property
+    def needs_data_init(self) -> bool:
+        """Whether the net has a data-dependent initialisation (e.g. a whitening stem) not yet done."""
+        return getattr(self.net, "needs_data_init", False)
+
     def init_from_data(self, images: torch.Tensor) -> None:
-        """Data-dependent initialisation for nets that have one (e.g. a whitening stem); no-op otherwise."""
-        if hasattr(self.net, "init_from_data"):
-            self.net.init_from_data(self.normalize(images))
+        self.net.init_from_data(self.normalize(images))
 
     @property
     def classifier(self) -> nn.Linear:
