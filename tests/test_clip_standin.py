@@ -105,3 +105,34 @@ def test_public_pool_weak_subsets_nest_and_extra_data_widens_the_pool(mini_root,
     assert wide.labels[-6:].tolist() == [10, 10, 10, 11, 11, 11]
     assert wide.captions[10][0] == "a photo of a goldfish" and wide.captions[11][0] == "a photo of a acorn"
     assert wide.info["extra"] == {"dataset": "tinyimagenet", "n": 6}
+
+
+def test_whitened_image_tower_is_set_from_the_pool_and_survives_the_factory(tmp_path):
+    """A stand-in whose image tower has a whitening stem: the trainer sets the stem from the pool's
+    normalised images before the first step, and a saved checkpoint loads with the stem as trained."""
+    import json
+
+    from cgd_defense.clip.model import add_model_config
+
+    cfg = {"embed_dim": 16, "vision_cfg": {"tower": "fastnet_whitened", "image_size": 32, "widths": [8, 16, 16]},
+           "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}
+    (tmp_path / "cgd-test-whitened.json").write_text(json.dumps(cfg))
+    add_model_config(tmp_path / "cgd-test-whitened.json")
+    data = _coloured(8, seed=0)
+    pool = StandinPool(data.images, data.labels, caption_bank("cifar10", CLASSES, CLASSES), {})
+    recipe = StandinRecipe(arch="cgd-test-whitened", min_steps=4,
+                           train=TrainConfig(epochs=1, batch_size=16, optimizer="adam", lr=1e-3, precision="fp32"))
+    payload = train_standin(pool, "cifar10", recipe)
+    assert bool(payload["state_dict"]["visual.whitened"])
+    clip = clip_from_standin_payload(payload, "cgd-test-whitened:x", torch.device("cpu"),
+                                     {"kind": "stand-in", "label": "stand-in CLIP"})
+    assert not clip.model.needs_data_init
+    torch.testing.assert_close(clip.model.visual.whiten.weight, payload["state_dict"]["visual.whiten.weight"])
+    # the stem whitens the pool: its 2x2 patches, normalised as the tower sees them, come out decorrelated
+    mean = torch.tensor(payload["preprocess"]["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(payload["preprocess"]["std"]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        out = torch.nn.functional.conv2d((data.images.float() / 255 - mean) / std, clip.model.visual.whiten.weight[:12])
+    flat = out.permute(0, 2, 3, 1).reshape(-1, 12).double()
+    cov = torch.cov(flat.T)
+    assert (cov - torch.diag(torch.diag(cov))).abs().max() < 0.05 * torch.diag(cov).max()

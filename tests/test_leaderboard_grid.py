@@ -64,6 +64,24 @@ def test_job_key_is_the_resolved_configuration(tmp_path):
     assert a.jobs[1].run_config(data_root="/x").data_root == "/x"  # where the data lives is not identity
 
 
+def test_only_jobs_that_load_a_stand_in_are_keyed_on_its_recipe(tmp_path, monkeypatch):
+    """A change of the stand-in recipe re-keys exactly the jobs that load the stand-in (CGD, and
+    clean-data defenses fed CGD's split), and no job of a real CLIP or of a defense without CLIP."""
+    from cgd_defense.clip import standin
+
+    body = BASE + "defenses: [none, abl, cgd, {name: fp, options: {clean_source: [oracle, cgd]}}]\n"
+    before = load_plan(write_grid(tmp_path, body, "a"))
+    real = load_plan(write_grid(tmp_path, body + "clips: ['ViT-B-32:/w.bin']\n", "real"))
+    longer = standin.StandinRecipe(train=standin.StandinRecipe().train.model_copy(update={"epochs": 99}))
+    monkeypatch.setattr(standin, "recipe_for", lambda n: longer)
+    after = load_plan(write_grid(tmp_path, body, "b"))
+    real_after = load_plan(write_grid(tmp_path, body + "clips: ['ViT-B-32:/w.bin']\n", "real2"))
+    rekeyed = {j.defense_label for j, k in zip(after.jobs, before.jobs) if j.key != k.key}
+    assert rekeyed == {"cgd", "fp[clean_source=cgd]"}
+    assert [j.key for j in real.jobs] == [j.key for j in real_after.jobs]
+    assert all("standin_recipe" not in j.resolved for j in real.jobs)
+
+
 @pytest.mark.parametrize("body,message", [
     ("preset: smoke\ndatasets: [cifar10]\nattacks: [clean]\ndefenses: [none]\nbogus: 1\n", "unknown field 'bogus'"),
     ("preset: smoke\ndatasets: [cifar10]\nattacks: [clean]\ndefenses: [{name: fp, options: {fraction: []}}]\n",

@@ -30,9 +30,10 @@ from open_clip.transformer import TextTransformer
 
 from ..config import unknown_name_error
 from ..errors import ConfigError
-from ..models.fastnet import FastNet
+from ..models.fastnet import FastNet, WhitenedFastNet
 
 REQUIRED_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
+VISION_TOWERS = ("fastnet", "fastnet_whitened")
 _MODEL_CONFIG_PATHS: list[Path] = [Path(__file__).parent / "model_configs"]
 _MODEL_CONFIGS: dict[str, dict] = {}
 
@@ -55,8 +56,9 @@ def _rescan_model_configs() -> None:
         missing = [k for k in REQUIRED_KEYS if k not in cfg]
         if missing:
             raise ConfigError(f"{f}: CLIP model config is missing required key(s) {missing}")
-        if cfg["vision_cfg"].get("tower") != "fastnet":
-            raise ConfigError(f"{f}: vision_cfg.tower must be 'fastnet'. Got {cfg['vision_cfg'].get('tower')!r} instead")
+        if cfg["vision_cfg"].get("tower") not in VISION_TOWERS:
+            raise ConfigError(f"{f}: vision_cfg.tower must be one of {list(VISION_TOWERS)}. "
+                              f"Got {cfg['vision_cfg'].get('tower')!r} instead")
         configs[f.stem] = cfg
     _MODEL_CONFIGS = dict(sorted(configs.items(), key=lambda kv: _natural_key(kv[0])))
 
@@ -89,14 +91,27 @@ class StandinCLIP(nn.Module):
     def __init__(self, embed_dim: int, vision_cfg: dict, text_cfg: dict, init_logit_scale: float = 2.6593):
         super().__init__()
         self.image_size = vision_cfg.get("image_size", 32)
-        # FastNet's bias-free head, unscaled, is the image projection into the joint space.
-        self.visual = FastNet(embed_dim, widths=tuple(vision_cfg["widths"]), stem_width=vision_cfg["stem_width"],
-                              logit_scale=1.0)
+        # The tower's bias-free head is the image projection into the joint space (its fixed output
+        # scale vanishes in the normalisation of the features).
+        if vision_cfg["tower"] == "fastnet_whitened":
+            self.visual = WhitenedFastNet(embed_dim, widths=tuple(vision_cfg["widths"]))
+        else:
+            self.visual = FastNet(embed_dim, widths=tuple(vision_cfg["widths"]), stem_width=vision_cfg["stem_width"],
+                                  logit_scale=1.0)
         self.text = TextTransformer(context_length=text_cfg["context_length"], vocab_size=text_cfg["vocab_size"],
                                     width=text_cfg["width"], heads=text_cfg["heads"], layers=text_cfg["layers"],
                                     output_dim=embed_dim)
         self.context_length = text_cfg["context_length"]
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
+
+    @property
+    def needs_data_init(self) -> bool:
+        """Whether the image tower still needs its data-dependent initialisation (a whitening stem)."""
+        return getattr(self.visual, "needs_data_init", False)
+
+    def init_from_data(self, images: torch.Tensor) -> None:
+        """`images`: preprocessed (normalised) images, as `encode_image` takes them."""
+        self.visual.init_from_data(images)
 
     def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         features = self.visual(image)

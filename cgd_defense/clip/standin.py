@@ -38,7 +38,7 @@ from ..config import StrictModel
 from ..data.datasets import ImageData, get_dataset_info, load_split
 from ..data.splits import stratified_holdout
 from ..errors import CGDError
-from ..harness.cache import Cache, atomic_write_bytes, tensor_digest
+from ..harness.cache import Cache, atomic_write_bytes, spec_hash, tensor_digest
 from ..harness.trainer import Batch, TrainConfig, train
 from .classnames import OPENAI_IMAGENET_TEMPLATES, REFERENCE_TEMPLATES, _GTSRB_ENSEMBLE
 from .factory import ClipSpec, parse_clip_spec
@@ -70,6 +70,32 @@ def recipe_for(n_pool: int) -> StandinRecipe:
         return StandinRecipe()
     return StandinRecipe(arch="cgd-standin-small", train=TrainConfig(
         epochs=30, batch_size=256, optimizer="adam", lr=2e-3, crop_padding=4, warmup=0.1))
+
+
+# The fingerprint of the recipe every result recorded before fingerprints entered keys was made
+# with. Keys leave it out, so those results keep their keys; any other recipe enters the key. Never
+# update it: a new recipe must re-key.
+RECORDED_RECIPE_FINGERPRINT = "fcabbee445fbcb69e00acfa4ffb4fd7fa83ddc39cc350c951d02a229e2d966b2"
+
+
+def recipe_fingerprint(clip_spec: str) -> str | None:
+    """For a stand-in name (`standin:...`), a hash of how every stand-in is trained: both recipes, the
+    pool size that picks between them, their architectures and the checkpoint format; None for any
+    other CLIP, whose name (tag or file) identifies it. (A stand-in's own cache key hashes its
+    actual pool and recipe; this is for the results computed with one.)"""
+    if not clip_spec.startswith("standin:"):
+        return None
+    recipes = [recipe_for(SMALL_POOL), recipe_for(SMALL_POOL - 1)]
+    return spec_hash({"recipes": [r.model_dump(mode="json") for r in recipes], "small_pool": SMALL_POOL,
+                      "arch_configs": [get_model_config(r.arch) for r in recipes], "format": STANDIN_FORMAT})
+
+
+def recipe_key(clip_spec: str) -> dict:
+    """What of the stand-in recipe enters the cache and job keys of results that load `clip_spec`:
+    its fingerprint, unless it is the recorded one (see RECORDED_RECIPE_FINGERPRINT). So a changed
+    recipe re-keys exactly the results that used a stand-in."""
+    fingerprint = recipe_fingerprint(clip_spec)
+    return {} if fingerprint in (None, RECORDED_RECIPE_FINGERPRINT) else {"standin_recipe": fingerprint}
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -127,8 +153,20 @@ class CaptionContrast(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.generator = torch.Generator().manual_seed(seed + 1)
 
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255)
+        return (x - self.mean) / self.std
+
+    @property
+    def needs_data_init(self) -> bool:
+        return self.clip.needs_data_init
+
+    def init_from_data(self, images: torch.Tensor) -> None:
+        self.clip.init_from_data(self.normalize(images))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        image = F.normalize(self.clip.encode_image((x - self.mean) / self.std), dim=-1)
+        image = F.normalize(self.clip.encode_image(self.normalize(x)), dim=-1)
         k, t = self.caption_tokens.shape[:2]
         choice = torch.randint(t, (k,), generator=self.generator).to(x.device) if self.training \
             else torch.zeros(k, dtype=torch.long, device=x.device)

@@ -117,6 +117,11 @@ class Defense:
         """Validated parameters (raises ConfigError naming the defense and field)."""
         return validate_model(self.Params, self._params, f"defense '{self.name}'")
 
+    def uses_clip(self) -> bool:
+        """Whether `fit` loads the run's CLIP (`context.clip`): every defense fed CGD's clean split
+        does; CGD overrides this. The harness then keys its results on the CLIP's identity."""
+        return getattr(self.params, "clean_source", None) == "cgd"
+
     def fit(self, model: nn.Module, train_set: ImageData, *, val_set: ImageData | None = None,
             clean_subset: ImageData | None = None, context: DefenseContext) -> "Defense":
         raise NotImplementedError(f"defense '{self.name}' does not implement fit()")

@@ -168,6 +168,9 @@ class CGD(Defense):
     threat_model = "poisoned-data"
     Params = CGDParams
 
+    def uses_clip(self) -> bool:
+        return True
+
     # ------------------------------------------------------------------------------------------ split
 
     def split(self, train_set: ImageData, context: DefenseContext, *, val_set: ImageData | None = None) -> Split:

@@ -61,6 +61,13 @@ class RunConfig(StrictModel):
     def resolved_clip(self) -> str:
         return self.clip or f"standin:{self.dataset}"
 
+    def clip_key(self, defense) -> dict:
+        """What of the CLIP enters the keys of a result of `defense` (a `Defense`): its name, and when
+        the defense loads a stand-in, what of the stand-in's recipe identifies it (`recipe_key`)."""
+        from ..clip.standin import recipe_key  # deferred: the CLIP layer imports open_clip
+
+        return {"clip": self.resolved_clip(), **(recipe_key(self.resolved_clip()) if defense.uses_clip() else {})}
+
     def holds_out_public(self) -> bool:
         if self.public_holdout is not None:
             return self.public_holdout
@@ -252,7 +259,7 @@ def defend_and_evaluate(cfg: RunConfig, data: RunData, model: Classifier, model_
         before = evaluate(model, data, preset, cfg.device)
     context = defense_context(cfg, data, preset, cache, artifact_dir)
     defense_spec = {"backdoored": model_key, "defense": cfg.defense, "params": defense.get_params(),
-                    "preset": cfg.preset, "seed": cfg.seed, "clip": cfg.resolved_clip(),
+                    "preset": cfg.preset, "seed": cfg.seed, **cfg.clip_key(defense),
                     "val": tensor_digest(data.val.images)}
     with timer("defense"):
         if cfg.defense == "none":

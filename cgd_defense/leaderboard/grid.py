@@ -266,14 +266,15 @@ def _resolve(job: Job, preset_dump: dict) -> str | None:
     if job.clip and job.clip.startswith("standin:") and job.clip.split(":")[1] != job.dataset:
         return f"CLIP '{job.clip}' is the stand-in of another dataset than {job.dataset}"
     try:
-        params = create_defense(job.defense, preset=job.preset, **job.defense_params).get_params()
+        defense = create_defense(job.defense, preset=job.preset, **job.defense_params)
+        params = defense.get_params()
     except ConfigError as exc:
         return str(exc)
     cfg = job.run_config()
     job.resolved = {
         "dataset": job.dataset, "preset": preset_dump, "attack": attack.model_dump(mode="json"),
         "defense": job.defense, "defense_params": params, "seed": job.seed,
-        "clip": None if job.threat_model == "model-only" else cfg.resolved_clip(),
+        **({"clip": None} if job.threat_model == "model-only" else cfg.clip_key(defense)),
         "public_holdout": cfg.holds_out_public(),
     }
     job.key = spec_hash(job.resolved)
