@@ -40,6 +40,7 @@ from ..data.splits import stratified_holdout
 from ..errors import CGDError
 from ..harness.cache import Cache, atomic_write_bytes, spec_hash, tensor_digest
 from ..harness.trainer import Batch, TrainConfig, train
+from ..models.wrapper import normalize_images
 from .classnames import OPENAI_IMAGENET_TEMPLATES, REFERENCE_TEMPLATES, _GTSRB_ENSEMBLE
 from .factory import ClipSpec, parse_clip_spec
 from .model import StandinCLIP, create_standin_model, get_model_config, standin_tokenizer
@@ -154,9 +155,7 @@ class CaptionContrast(nn.Module):
         self.generator = torch.Generator().manual_seed(seed + 1)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.uint8:
-            x = x.float().div_(255)
-        return (x - self.mean) / self.std
+        return normalize_images(x, self.mean, self.std)
 
     @property
     def needs_data_init(self) -> bool:

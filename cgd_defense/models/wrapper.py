@@ -10,6 +10,13 @@ import torch
 import torch.nn as nn
 
 
+def normalize_images(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 or [0, 1] float images (B, 3, H, W) -> standardised with per-channel `mean`, `std` (1, 3, 1, 1)."""
+    if x.dtype == torch.uint8:
+        x = x.float().div_(255)
+    return (x - mean) / std
+
+
 class Classifier(nn.Module):
     def __init__(self, net: nn.Module, mean, std, arch: str = ""):
         super().__init__()
@@ -19,9 +26,7 @@ class Classifier(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.uint8:
-            x = x.float().div_(255)
-        return (x - self.mean) / self.std
+        return normalize_images(x, self.mean, self.std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(self.normalize(x))
