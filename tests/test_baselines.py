@@ -10,9 +10,9 @@ import torch.nn.functional as F
 
 from cgd_defense.defenses.abl import lga_loss
 from cgd_defense.defenses.asd import choice_num, class_aware_pool, select_seeds
-from cgd_defense.defenses.dbd import _hsv_to_rgb, _rgb_to_hsv, nt_xent, simclr_augment
-from cgd_defense.defenses.semisup import (MixMatchConfig, lowest_fraction, mixmatch_loss, mixup, sharpen,
-                                          split_and_mixmatch, symmetric_cross_entropy)
+from cgd_defense.defenses.dbd import _hsv_to_rgb, _rgb_to_hsv, nt_xent, simclr_augment, simclr_pretrain
+from cgd_defense.defenses.semisup import (MixMatchConfig, lowest_fraction, mixmatch_epoch, mixmatch_loss, mixup,
+                                          sharpen, split_and_mixmatch, symmetric_cross_entropy)
 from cgd_defense.harness.pipeline import RunConfig, run
 
 
@@ -148,6 +148,36 @@ def test_simclr_views_differ_and_stay_images():
     v1, v2 = simclr_augment(x, g), simclr_augment(x, g)
     assert v1.shape == x.shape and v1.min() >= 0 and v1.max() <= 1
     assert not torch.allclose(v1, v2)
+
+
+@pytest.mark.parametrize("loop", ["simclr", "mixmatch"])
+def test_fresh_whitened_fastnet_gets_its_stem_from_data_in_the_defense_loops(loop):
+    """DBD's SimCLR and DBD/ASD's MixMatch train fresh models outside `train`: they must run the
+    whitening stem's data initialisation first, or they train on a random frozen stem that the
+    next `train` call (DBD's head warm-up) would then replace under the trained layers."""
+    from cgd_defense.harness.pipeline import build_model
+    from cgd_defense.harness.presets import get_preset
+    from cgd_defense.harness.trainer import TrainConfig, train
+
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.arange(16) % 2
+    net = build_model(get_preset("cpu"), "cifar10", 2)  # fastnet_whitened
+    random_stem = net.net.whiten.weight.detach().clone()
+    if loop == "simclr":
+        simclr_pretrain(net, images, epochs=1, cosine_epochs=10, batch_size=8, lr=0.1, momentum=0.9,
+                        weight_decay=0.0, temperature=0.5, seed=0, device="cpu", precision="fp32",
+                        channels_last=False)
+    else:
+        cfg = MixMatchConfig(iterations=1, batch_size=4, rampup_epochs=1, precision="fp32", channels_last=False)
+        mixmatch_epoch(net, images, labels, torch.arange(8), torch.arange(8, 16), torch.optim.Adam(net.parameters()),
+                       cfg, epoch=0, num_classes=2, generator=torch.Generator().manual_seed(0),
+                       rng=np.random.default_rng(0), device="cpu")
+    assert not net.needs_data_init and not torch.equal(net.net.whiten.weight, random_stem)
+    stem = net.net.whiten.weight.detach().clone()
+    train(net, images, labels, TrainConfig(epochs=1, batch_size=8, precision="fp32", channels_last=False),
+          device="cpu")
+    assert torch.equal(net.net.whiten.weight, stem)  # a later `train` leaves the stem alone
 
 
 # ---------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ from pydantic import Field
 from ..data.datasets import ImageData
 from ..harness.cache import tensor_digest
 from ..harness.precision import autocast, resolve_device, use_bf16
-from ..harness.trainer import TrainConfig, make_optimizer, train
+from ..harness.trainer import TrainConfig, init_from_data_once, make_optimizer, train
 from ..models import Classifier
 from .base import Defense, Split, register_defense
 from .semisup import lowest_fraction, mixmatch_config, split_and_mixmatch, symmetric_cross_entropy
@@ -188,6 +188,7 @@ def simclr_pretrain(model: Classifier, images: torch.Tensor, *, epochs: float, c
     bf16 = use_bf16(precision, device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     head = projection_head(model.classifier.in_features)
+    init_from_data_once(model, images, torch.arange(len(images)), seed)
     model.to(device=device, memory_format=memory_format).train()
     head.to(device).train()
     opt_cfg = TrainConfig(optimizer="sgd", lr=lr, momentum=momentum, nesterov=False, weight_decay=weight_decay)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..harness.augment import random_crop_flip
 from ..harness.precision import autocast, resolve_device, use_bf16
-from ..harness.trainer import predict
+from ..harness.trainer import init_from_data_once, predict
 
 
 def symmetric_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, alpha: float = 0.1,
@@ -133,6 +133,8 @@ def mixmatch_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     device = resolve_device(device)
     bf16 = use_bf16(cfg.precision, device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    # A fixed draw (seed 0), so that `generator`'s stream, and with it every recorded run, is unchanged.
+    init_from_data_once(model, images, torch.cat([torch.as_tensor(labeled), torch.as_tensor(unlabeled)]).long(), 0)
     model.to(device=device, memory_format=memory_format).train()
     x_stream = _IndexStream(torch.as_tensor(labeled, dtype=torch.long), cfg.batch_size, generator)
     u_stream = _IndexStream(torch.as_tensor(unlabeled, dtype=torch.long), cfg.batch_size, generator)

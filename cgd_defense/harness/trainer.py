@@ -110,6 +110,17 @@ def _lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
     return f
 
 
+def init_from_data_once(model: nn.Module, images: torch.Tensor, pool: torch.Tensor, seed: int) -> None:
+    """Run `model`'s data-dependent initialisation (FastNet's whitening stem) from up to 5,000
+    images of `pool`, unless it has run already. Every training loop calls this before its first
+    step: a loop that skipped it would train the layers above a random, frozen stem, and the next
+    `train` call would then swap the stem under those trained layers."""
+    if getattr(model, "needs_data_init", False):
+        # Its own generator: the batch order of every recipe stays what it was before this hook.
+        sample = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:5000]]
+        model.init_from_data(images[sample.to(images.device)])
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     # Weight decay on conv/linear weights only: decaying BatchNorm scales and biases hurts short schedules.
     decay, no_decay = [], []
@@ -150,10 +161,7 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
         steps_per_epoch = min(steps_per_epoch, cfg.max_iters_per_epoch)
     total_steps = max(1, int(round(cfg.epochs * steps_per_epoch)))
     n_epochs = math.ceil(total_steps / steps_per_epoch)
-    if getattr(model, "needs_data_init", False):
-        # Its own generator: the batch order of every recipe stays what it was before this hook.
-        sample = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:5000]]
-        model.init_from_data(images[sample.to(images.device)])
+    init_from_data_once(model, images, pool, seed)
     opt = optimizer or make_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, total_steps))
     sample_losses = torch.full((n_epochs, len(labels)), float("nan")) if track_loss else None
