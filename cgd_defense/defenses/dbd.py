@@ -225,6 +225,49 @@ def simclr_pretrain(model: Classifier, images: torch.Tensor, *, epochs: float, c
     return history
 
 
+def pretrain_backbone(net: Classifier, images: torch.Tensor, p, *, preset, seed: int, cache, device=None) -> list[float]:
+    """DBD's stage 1: SimCLR on `images` with `p`'s `simclr_*` settings and `temperature`, into
+    `net` in place; cached by (images, architecture, seed, precision, settings). Returns the loss of
+    each SimCLR epoch."""
+    precision = preset.train.precision
+    simclr_params = {k: v for k, v in p.model_dump().items() if k.startswith("simclr") or k == "temperature"}
+    spec = {"images": tensor_digest(images), "model": preset.model, "seed": seed, "precision": precision,
+            "params": simclr_params}
+
+    def pretrain():
+        history = simclr_pretrain(
+            net, images, epochs=p.simclr_epochs, cosine_epochs=p.simclr_cosine_epochs,
+            batch_size=p.simclr_batch_size, lr=p.simclr_lr, momentum=p.simclr_momentum,
+            weight_decay=p.simclr_weight_decay, temperature=p.temperature, seed=seed, device=device,
+            precision=precision, channels_last=preset.train.channels_last)
+        return {"state_dict": {k: v.cpu() for k, v in net.net.state_dict().items()}, "history": history}
+
+    pretrained = cache.get_or_compute("dbd-simclr", spec, pretrain)
+    net.net.load_state_dict(pretrained["state_dict"])
+    return pretrained["history"]
+
+
+def warm_up_head(net: Classifier, images: torch.Tensor, labels: torch.Tensor, p, optimizer, *, preset, seed: int,
+                 device=None) -> None:
+    """DBD's stage 2: `net`'s linear head trained with SCE (`p.sce_alpha`, `p.sce_beta`) on the
+    frozen backbone for `p.warmup_epochs`, with `optimizer` (DBD's one Adam)."""
+    head = set(map(id, net.classifier.parameters()))
+    frozen = [q for q in net.parameters() if id(q) not in head]
+    for q in frozen:
+        q.requires_grad_(False)
+    cfg = TrainConfig(epochs=p.warmup_epochs, batch_size=p.warmup_batch_size, optimizer="adam", lr=p.lr,
+                      weight_decay=0.0, schedule="constant", label_smoothing=0.0, crop_padding=4,
+                      precision=preset.train.precision, channels_last=preset.train.channels_last)
+    try:
+        train(net, images, labels, cfg, seed=seed, optimizer=optimizer, device=device,
+              loss_fn=lambda logits, b: symmetric_cross_entropy(logits, b.y, alpha=p.sce_alpha,
+                                                               beta=p.sce_beta).mean(),
+              desc="dbd: linear head on the frozen SimCLR backbone")
+    finally:
+        for q in frozen:
+            q.requires_grad_(True)
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -268,38 +311,13 @@ class DBD(Defense):
         net = build_model(context.preset, context.dataset, len(context.classes))
 
         with timer("simclr"):
-            simclr_params = {k: v for k, v in p.model_dump().items() if k.startswith("simclr") or k == "temperature"}
-            simclr_spec = {"images": tensor_digest(images), "model": context.preset.model, "seed": context.seed,
-                           "precision": precision, "params": simclr_params}
-
-            def pretrain():
-                history = simclr_pretrain(
-                    net, images, epochs=p.simclr_epochs, cosine_epochs=p.simclr_cosine_epochs,
-                    batch_size=p.simclr_batch_size, lr=p.simclr_lr, momentum=p.simclr_momentum,
-                    weight_decay=p.simclr_weight_decay, temperature=p.temperature, seed=context.seed,
-                    device=context.device, precision=precision, channels_last=context.preset.train.channels_last)
-                return {"state_dict": {k: v.cpu() for k, v in net.net.state_dict().items()}, "history": history}
-
-            pretrained = context.cache.get_or_compute("dbd-simclr", simclr_spec, pretrain)
-            net.net.load_state_dict(pretrained["state_dict"])
-
+            history = pretrain_backbone(net, images, p, preset=context.preset, seed=context.seed,
+                                        cache=context.cache, device=context.device)
         # One Adam over the whole model for warm-up and MixMatch, as the authors' single optimizer.
         optimizer = make_optimizer(net, TrainConfig(optimizer="adam", lr=p.lr, weight_decay=0.0))
         with timer("linear_warmup"):
-            head = set(map(id, net.classifier.parameters()))
-            frozen = [q for q in net.parameters() if id(q) not in head]
-            for q in frozen:
-                q.requires_grad_(False)
-            warmup_cfg = TrainConfig(epochs=p.warmup_epochs, batch_size=p.warmup_batch_size, optimizer="adam",
-                                     lr=p.lr, weight_decay=0.0, schedule="constant", label_smoothing=0.0,
-                                     crop_padding=4, precision=precision,
-                                     channels_last=context.preset.train.channels_last)
-            train(net, images, labels, warmup_cfg, seed=context.seed, optimizer=optimizer, device=context.device,
-                  loss_fn=lambda logits, b: symmetric_cross_entropy(logits, b.y, alpha=p.sce_alpha,
-                                                                   beta=p.sce_beta).mean(),
-                  desc="dbd: linear head on the frozen SimCLR backbone")
-            for q in frozen:
-                q.requires_grad_(True)
+            warm_up_head(net, images, labels, p, optimizer, preset=context.preset, seed=context.seed,
+                         device=context.device)
 
         trace, credible, losses = split_and_mixmatch(
             net, images, labels, optimizer, mixmatch_config(p, context.preset.train), epochs=p.semi_epochs,
@@ -312,5 +330,5 @@ class DBD(Defense):
         self.model_ = net.eval()
         self.split_ = Split(clean=credible, suspect=~credible, scores={"sce_loss": losses},
                             info={"rule": f"lowest {p.epsilon:.0%} SCE loss = high-credible (last MixMatch epoch)"})
-        self.info_ = {"simclr_loss": pretrained["history"], "mixmatch_epochs": trace}
+        self.info_ = {"simclr_loss": history, "mixmatch_epochs": trace}
         return self
