@@ -263,3 +263,17 @@ def test_dbd_keeps_the_lowest_loss_half_labelled(smoke_result):
         pytest.skip("DBD only")
     assert result["split"]["n_clean_part"] == int(0.5 * result["data"]["n_train"])
     assert len(result["defense_info"]["mixmatch_epochs"]) == 2 and len(result["defense_info"]["simclr_loss"]) == 1
+
+
+def test_dbd_ramp_up_counts_the_warm_up_only_when_asked(smoke_result, mini_root, session_cache_dir):
+    """smoke: warm-up 0.5 epoch (one counted epoch), ramp-up 2 epochs, lambda_u 15, 2 MixMatch epochs;
+    the trace holds lambda_u at the end of each epoch."""
+    name, result = smoke_result
+    if name != "dbd":
+        pytest.skip("DBD only")
+    counted = [e["lambda_u"] for e in result["defense_info"]["mixmatch_epochs"]]
+    assert counted == pytest.approx([15.0, 15.0])  # the authors' way: (1 + 1) / 2 already at the first epoch's end
+    cfg = RunConfig(attack="badnets", defense="dbd", preset="smoke", data_root=str(mini_root),
+                    cache_dir=str(session_cache_dir), defense_params={"rampup_counts_warmup": False})
+    uncounted = [e["lambda_u"] for e in run(cfg)["defense_info"]["mixmatch_epochs"]]
+    assert uncounted == pytest.approx([7.5, 15.0])  # the ramp starts with MixMatch: 1/2, then 2/2

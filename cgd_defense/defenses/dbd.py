@@ -295,8 +295,10 @@ class DBD(Defense):
         mixmatch_temperature: float = Field(0.5, gt=0)
         mixmatch_alpha: float = Field(0.75, gt=0)
         lambda_u: float = Field(15.0, ge=0)
-        rampup_epochs: float = Field(190, ge=0,
-                                     description="lambda_u ramp-up, in epochs counted from the warm-up's start")
+        rampup_epochs: float = Field(190, ge=0, description="lambda_u ramp-up length in epochs")
+        # The authors count the 10 warm-up epochs into the ramp (lambda_u starts MixMatch at 10/190 of its
+        # value). Shortened presets keep the full warm-up, so counting it would start their ramp half-way.
+        rampup_counts_warmup: bool = Field(True, description="count the warm-up epochs into the ramp-up")
 
     def fit(self, model, train_set: ImageData, *, val_set=None, clean_subset=None, context) -> "DBD":
         """Train a fresh model of `model`'s architecture on `train_set` (DBD trains from scratch; the
@@ -323,7 +325,8 @@ class DBD(Defense):
             net, images, labels, optimizer, mixmatch_config(p, context.preset.train), epochs=p.semi_epochs,
             choose_pool=lambda epoch, losses: (lowest_fraction(losses, p.epsilon), losses, {}),
             sce_alpha=p.sce_alpha, sce_beta=p.sce_beta, num_classes=len(context.classes), seed=context.seed,
-            timer=timer, report=context.report_poison_rate, first_epoch=math.ceil(p.warmup_epochs),
+            timer=timer, report=context.report_poison_rate,
+            first_epoch=math.ceil(p.warmup_epochs) if p.rampup_counts_warmup else 0,
             device=context.device, precision=precision)
         context.stage_times.update(timer.times)
 
