@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,29 @@ def _session_processes(sid: int) -> list[int]:
         if int(fields[3]) == sid and fields[0] != "Z":  # fields after the name: state, ppid, pgrp, session
             pids.append(int(stat.parent.name))
     return pids
+
+
+def test_a_new_database_file_never_appears_without_its_tables(tmp_path, monkeypatch):
+    """A reader polling a database the driver is creating must find the tables as soon as the file exists."""
+    from cgd_defense.leaderboard import db as db_module
+    path = tmp_path / "results.sqlite"
+    seen_without_tables = []
+    real_connect = sqlite3.connect
+
+    def watching_connect(*args, **kwargs):
+        conn = real_connect(*args, **kwargs)
+        if path.exists():
+            with closing(real_connect(path)) as reader:
+                if not reader.execute("SELECT name FROM sqlite_master WHERE name = 'jobs'").fetchall():
+                    seen_without_tables.append(args[0])
+        return conn
+
+    monkeypatch.setattr(db_module.sqlite3, "connect", watching_connect)
+    ResultsDB(path)
+    assert seen_without_tables == []
+    assert job_rows(path) == {} and sorted(p.name for p in tmp_path.iterdir()) == ["results.sqlite"]
+    ResultsDB(path)  # opening an existing database keeps it
+    assert job_rows(path) == {}
 
 
 def test_sigkill_loses_nothing_finished_and_repeats_only_the_interrupted_job(

@@ -98,9 +98,26 @@ class ResultsDB:
     def __init__(self, path: str | os.PathLike | None = None):
         self.path = Path(path).expanduser() if path else default_db_path()
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists():
+            self._create_atomically()
         with closing(self._connect()) as conn, conn:
             conn.executescript(_SCHEMA)
             conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+
+    def _create_atomically(self) -> None:
+        """Build the schema in a private file and link it into place, so that a reader never finds the
+        database file without its tables (SQLite creates the file on connect, before any schema)."""
+        staging = self.path.with_name(f".{self.path.name}.{os.getpid()}.creating")
+        try:
+            with closing(sqlite3.connect(staging)) as conn, conn:
+                conn.executescript(_SCHEMA)
+                conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            try:
+                os.link(staging, self.path)  # unlike a rename, fails rather than replace a database another process made
+            except FileExistsError:
+                pass
+        finally:
+            staging.unlink(missing_ok=True)
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=60)
