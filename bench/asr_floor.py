@@ -17,17 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
-
-import torch
 
 from cgd_defense.harness.cache import Cache, atomic_write_text
 from cgd_defense.harness.metrics import attack_success_rate, clean_accuracy, robust_accuracy
 from cgd_defense.harness.pipeline import RunConfig, StageTimer, backdoored_model, defend_and_evaluate, prepare_data
 from cgd_defense.harness.presets import get_preset
+from cgd_defense.harness.script_args import add_run_arguments, run_config
 from cgd_defense.harness.trainer import predict
 from cgd_defense.registry import create_attack
 
@@ -50,12 +48,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--attacks", nargs="+", default=["badnets", "blended", "sig", "wanet"])
     ap.add_argument("--models", nargs="+", default=["none", "cgd-reference", "cgd"], choices=sorted(MODELS))
-    ap.add_argument("--data-root", default=os.environ.get("CGD_DATA_ROOT"))
-    ap.add_argument("--dataset", default="cifar10")
-    ap.add_argument("--preset", default="quick")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--cache-dir", default=None)
+    add_run_arguments(ap, preset="quick")
     ap.add_argument("--json", default=None, help="default: bench/results/asr_floor_<preset>.json")
     args = ap.parse_args()
     for attack in args.attacks:
@@ -65,12 +58,10 @@ def main() -> None:
     preset = get_preset(args.preset)
     triggered = {}
     for attack in args.attacks:
-        cfg = RunConfig(dataset=args.dataset, data_root=args.data_root, attack=attack, preset=args.preset,
-                        seed=args.seed, device=args.device, cache_dir=args.cache_dir)
+        cfg = run_config(args, attack=attack)
         triggered[attack] = prepare_data(cfg, preset, create_attack(attack), cache).triggered
 
-    clean_cfg = RunConfig(dataset=args.dataset, data_root=args.data_root, attack="clean", preset=args.preset,
-                          seed=args.seed, device=args.device, cache_dir=args.cache_dir)
+    clean_cfg = run_config(args, attack="clean")
     clean_data = prepare_data(clean_cfg, preset, create_attack("clean"), cache)
     report = {"preset": args.preset, "dataset": args.dataset, "seed": args.seed, "command": " ".join(sys.argv),
               "clip": f"standin:{args.dataset} (stand-in CLIP) for the cgd models", "models": {}}

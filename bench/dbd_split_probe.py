@@ -35,10 +35,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import time
 from pathlib import Path
+
+from cgd_defense.harness.script_args import add_run_arguments, run_config
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -93,19 +94,14 @@ def probe(net, data, params, preset, seed: int, device) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", default=os.environ.get("CGD_DATA_ROOT"))
-    parser.add_argument("--dataset", default="cifar10")
+    add_run_arguments(parser, preset="quick")
     parser.add_argument("--attack", default="badnets")
-    parser.add_argument("--preset", default="quick")
     parser.add_argument("--simclr-epochs", type=float, nargs="*", default=None,
                         help="SimCLR lengths to probe (default: the preset's)")
     parser.add_argument("--warmup-epochs", type=float, nargs="*", default=None,
                         help="head warm-up lengths to probe each backbone with (default: the preset's)")
     parser.add_argument("--no-supervised", action="store_true", help="skip the supervised-public backbone")
     parser.add_argument("--victim", action="store_true", help="also probe the backdoored model's backbone")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--cache-dir", default=None, help="default: $CGD_CACHE_DIR or ~/.cache/cgd-bench")
     parser.add_argument("--out", default=None,
                         help="JSON path (default: bench/results/dbd_split_probe_<attack>_<preset>.json)")
     args = parser.parse_args(argv)
@@ -116,15 +112,14 @@ def main(argv=None) -> None:
     from cgd_defense.data.datasets import load_split
     from cgd_defense.defenses.dbd import pretrain_backbone
     from cgd_defense.harness.cache import Cache, atomic_write_text
-    from cgd_defense.harness.pipeline import RunConfig, backdoored_model, build_model, prepare_data
+    from cgd_defense.harness.pipeline import backdoored_model, build_model, prepare_data
     from cgd_defense.harness.presets import get_preset
     from cgd_defense.harness.provenance import git_commit, machine, package_versions
     from cgd_defense.harness.trainer import train
     from cgd_defense.registry import create_attack, create_defense
 
-    cfg = RunConfig(dataset=args.dataset, data_root=args.data_root, attack=args.attack, defense="dbd",
-                    preset=args.preset, seed=args.seed, device=args.device,
-                    cache_dir=args.cache_dir or str(default_cache_dir()))
+    args.cache_dir = args.cache_dir or str(default_cache_dir())
+    cfg = run_config(args, attack=args.attack, defense="dbd")
     preset = get_preset(cfg.preset)
     cache = Cache(cfg.cache_dir)
     data = prepare_data(cfg, preset, create_attack(cfg.attack), cache)

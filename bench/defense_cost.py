@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from cgd_defense.harness.script_args import add_run_arguments, run_config
+
 RESULTS = Path(__file__).resolve().parent / "results"
 # Cache kinds a worker may read: the benchmark's fixed inputs. Everything else is computed afresh.
 SHARED_KINDS = {"decoded", "poisoned", "backdoored", "clip_standin"}
@@ -61,8 +63,7 @@ def worker(args) -> dict:
     import torch
 
     from cgd_defense.harness.cache import Cache
-    from cgd_defense.harness.pipeline import (RunConfig, backdoored_model, defense_context, evaluate,
-                                              prepare_data)
+    from cgd_defense.harness.pipeline import backdoored_model, defense_context, evaluate, prepare_data
     from cgd_defense.harness.presets import get_preset
     from cgd_defense.registry import create_attack, create_defense
 
@@ -75,8 +76,7 @@ def worker(args) -> dict:
             self.misses.append(kind)
             return compute()
 
-    cfg = RunConfig(dataset=args.dataset, data_root=args.data_root, attack=args.attack, defense=args.defense,
-                    preset=args.preset, seed=args.seed, device=args.device, cache_dir=args.cache_dir)
+    cfg = run_config(args, attack=args.attack, defense=args.defense)
     preset = get_preset(cfg.preset)
     cache = BenchCache(cfg.cache_dir)
     data = prepare_data(cfg, preset, create_attack(cfg.attack), cache)
@@ -103,7 +103,7 @@ def worker(args) -> dict:
 def prepare_inputs(args) -> dict:
     """Poison, train the victim and (for CGD) the stand-in CLIP once, into the shared cache."""
     from cgd_defense.harness.cache import Cache
-    from cgd_defense.harness.pipeline import RunConfig, backdoored_model, prepare_data
+    from cgd_defense.harness.pipeline import backdoored_model, prepare_data
     from cgd_defense.harness.presets import get_preset
     from cgd_defense.registry import create_attack
 
@@ -111,13 +111,12 @@ def prepare_inputs(args) -> dict:
     cache = Cache(args.cache_dir)
     preset = get_preset(args.preset)
     for attack in args.attacks:
-        cfg = RunConfig(dataset=args.dataset, data_root=args.data_root, attack=attack, preset=args.preset,
-                        seed=args.seed, device=args.device, cache_dir=args.cache_dir)
+        cfg = run_config(args, attack=attack)
         t0 = time.perf_counter()
         backdoored_model(cfg, preset, prepare_data(cfg, preset, create_attack(attack), cache), cache)
         times[f"inputs.{attack}"] = round(time.perf_counter() - t0, 1)
     if "cgd" in args.defenses:
-        cfg = RunConfig(dataset=args.dataset, data_root=args.data_root, preset=args.preset, cache_dir=args.cache_dir)
+        cfg = run_config(args)
         if cfg.resolved_clip().startswith("standin:"):
             from cgd_defense.clip import load_clip  # only CGD needs a CLIP
 
@@ -174,15 +173,9 @@ def ratios(rows: list[dict]) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", default=os.environ.get("CGD_DATA_ROOT"))
-    parser.add_argument("--dataset", default="cifar10")
-    parser.add_argument("--preset", default="quick")
+    add_run_arguments(parser, preset="quick")
     parser.add_argument("--attacks", nargs="+", default=["badnets", "sig"])
     parser.add_argument("--defenses", nargs="+", default=["cgd", "abl", "dbd", "asd"])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--cache-dir", default=None, help="shared cache of poisoned sets and victims "
-                                                          "(default: $CGD_CACHE_DIR or ~/.cache/cgd-bench)")
     parser.add_argument("--out", default=None, help="JSON path (default: bench/results/defense_cost_<preset>.json)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--attack", help=argparse.SUPPRESS)

@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 
 from cgd_defense.harness.cache import Cache, atomic_write_text
-from cgd_defense.harness.pipeline import RunConfig, backdoored_model, prepare_data
+from cgd_defense.harness.pipeline import backdoored_model, prepare_data
 from cgd_defense.harness.presets import get_preset
+from cgd_defense.harness.script_args import add_run_arguments, run_config
 from cgd_defense.harness.trainer import predict
 from cgd_defense.registry import create_attack
 
@@ -50,12 +50,7 @@ def per_class_report(predictions: torch.Tensor, labels: torch.Tensor, classes: l
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--attacks", nargs="+", default=["sig"])
-    ap.add_argument("--data-root", default=os.environ.get("CGD_DATA_ROOT"))
-    ap.add_argument("--dataset", default="cifar10")
-    ap.add_argument("--preset", default="cpu")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--cache-dir", default=None)
+    add_run_arguments(ap, preset="cpu")
     ap.add_argument("--json", default=None, help="default: bench/results/per_class_accuracy_<preset>.json")
     args = ap.parse_args()
     attacks = {name: create_attack(name) for name in ["clean", *dict.fromkeys(args.attacks)]}  # fail before work
@@ -65,8 +60,7 @@ def main() -> None:
     report = {"preset": args.preset, "dataset": args.dataset, "seed": args.seed, "command": " ".join(sys.argv),
               "models": {}}
     for name, attack in attacks.items():
-        cfg = RunConfig(dataset=args.dataset, data_root=args.data_root, attack=name, preset=args.preset,
-                        seed=args.seed, device=args.device, cache_dir=args.cache_dir)
+        cfg = run_config(args, attack=name)
         data = prepare_data(cfg, preset, attack, cache)
         model, _ = backdoored_model(cfg, preset, data, cache)
         logits = predict(model, data.test.images, batch_size=preset.eval_batch_size, device=args.device,
