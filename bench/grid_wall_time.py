@@ -16,9 +16,9 @@ does not). A pending job is projected from the median defense stage of the measu
 defense label at the grid's preset; a label no job has measured falls back to the wall time of that
 defense in `bench/results/defense_cost_<preset>*.json` (`bench/defense_cost.py`): a run with the same
 effective parameters if there is one, else a run of the same defense, with the parameters that differ
-named in the table. A label with neither is reported as unmeasured, and the total is then a lower bound. Projections assume the machine the
-measurements came from; the hosts they ran on are listed. Prints a table, writes
-bench/results/grid_wall_time_<grid>.json.
+named in the table. A label with neither is reported as unmeasured, and the total is then a lower
+bound. Projections assume the machine the measurements came from; the hosts they ran on are listed.
+Prints a table, writes bench/results/grid_wall_time_<grid>.json.
 """
 from __future__ import annotations
 
@@ -87,26 +87,26 @@ def project(jobs: list, measured: list[dict], fallback: dict[str, list[dict]] | 
     two grids is one measurement). `fallback`: `cost_file_estimates`, for labels no job measured."""
     fallback = fallback or {}
     cpu_rows = [r for r in measured if ran_on_cpu(r)]
-    by_key = {r["job_key"]: r for r in cpu_rows}
-    parts = {r["job_key"]: stage_parts(r) for r in cpu_rows}
-    overhead = statistics.median([p[2] for p in parts.values()]) if parts else 0.0
-
+    parts: dict[str, tuple[float, float, float]] = {}
     defense_s: dict[str, list[float]] = defaultdict(list)
     victims: dict[str, list[float]] = defaultdict(list)
     rest: dict[str, list[float]] = defaultdict(list)
-    for key, (victim, defense, other) in parts.items():
-        row = by_key[key]
+    for row in cpu_rows:
+        victim, defense, other = parts[row["job_key"]] = stage_parts(row)
         defense_s[row["defense_label"]].append(defense)
         if victim > VICTIM_TRAINED_S:
             victims[row["attack_label"]].append(victim)
         rest[row["attack_label"]].append(other)
+    overhead = statistics.median([p[2] for p in parts.values()]) if parts else 0.0
     all_victims = [v for values in victims.values() for v in values]
+
+    def tally(name: str) -> dict:
+        return {"defense": name, "jobs": 0, "measured": 0, "measured_s": 0.0, "projected": 0, "projected_s": 0.0,
+                "unmeasured": 0, "estimate_from": None}
 
     per_label: dict[str, dict] = {}
     for job in jobs:
-        entry = per_label.setdefault(job.defense_label, {"defense": job.defense_label, "jobs": 0, "measured": 0,
-                                                         "measured_s": 0.0, "projected": 0, "projected_s": 0.0,
-                                                         "unmeasured": 0, "estimate_from": None})
+        entry = per_label.setdefault(job.defense_label, tally(job.defense_label))
         entry["jobs"] += 1
         if job.key in parts:
             entry["measured"] += 1
@@ -122,8 +122,7 @@ def project(jobs: list, measured: list[dict], fallback: dict[str, list[dict]] | 
         else:
             entry["unmeasured"] += 1
 
-    setup = {"defense": "victims and trigger fits", "jobs": 0, "measured": 0, "measured_s": 0.0, "projected": 0,
-             "projected_s": 0.0, "unmeasured": 0, "estimate_from": None}
+    setup = tally("victims and trigger fits")
     for group in sorted({(job.attack_label, job.seed, job.dataset) for job in jobs}):
         attack = group[0]
         setup["jobs"] += 1
