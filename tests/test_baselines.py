@@ -110,8 +110,13 @@ def test_split_and_mixmatch_rescores_each_epoch_and_trains_on_the_chosen_pool():
     trace, pool, score = split_and_mixmatch(
         net, images, labels, optimizer, cfg, epochs=3, choose_pool=choose_pool, sce_alpha=0.1, sce_beta=1.0,
         num_classes=4, seed=0, timer=lambda stage: contextlib.nullcontext(),
-        report=lambda idx: float(poisoned[idx].float().mean()), first_epoch=2, device="cpu", precision="fp32")
+        report=lambda idx: float(poisoned[idx].float().mean()), first_epoch=2, device="cpu", precision="fp32",
+        val=(images[:12], labels[:12]))
     assert [t["stage"] for t in trace] == ["s0", "s1", "s2"] and [t["pool"] for t in trace] == [10, 15, 20]
+    # the learning curve: the final model's accuracy on the validation images, after every epoch
+    final_val_acc = float((net(images[:12].float() / 255).argmax(1) == labels[:12]).float().mean())
+    assert trace[-1]["val_acc"] == pytest.approx(final_val_acc)
+    assert all(abs(t["val_acc"] * 12 - round(t["val_acc"] * 12)) < 1e-6 for t in trace)  # a share of 12 images
     assert [t["pool_poison_rate"] for t in trace] == pytest.approx([1 / 10, 1 / 15, 1 / 20])
     assert int(pool.sum()) == 20 and torch.equal(score, -seen_losses[-1])
     assert not torch.allclose(seen_losses[0], seen_losses[1])  # scored again under the updated model
@@ -255,6 +260,7 @@ def test_asd_seeds_are_clean_and_recorded(smoke_result):
     assert info["n_seeds"] == 10 * 10 and info["seed_poison_rate"] == 0.0
     assert [e["stage"] for e in info["epochs"]] == ["class-aware", "class-agnostic", "meta"]
     assert info["epochs"][0]["pool"] == 100  # stage 1 starts from the seeds alone
+    assert all(0.0 <= e["val_acc"] <= 1.0 for e in info["epochs"])  # the learning curve on the validation split
 
 
 def test_dbd_keeps_the_lowest_loss_half_labelled(smoke_result):
@@ -263,6 +269,7 @@ def test_dbd_keeps_the_lowest_loss_half_labelled(smoke_result):
         pytest.skip("DBD only")
     assert result["split"]["n_clean_part"] == int(0.5 * result["data"]["n_train"])
     assert len(result["defense_info"]["mixmatch_epochs"]) == 2 and len(result["defense_info"]["simclr_loss"]) == 1
+    assert all(0.0 <= e["val_acc"] <= 1.0 for e in result["defense_info"]["mixmatch_epochs"])
 
 
 def test_dbd_ramp_up_counts_the_warm_up_only_when_asked(smoke_result, mini_root, session_cache_dir):

@@ -187,7 +187,8 @@ class ASD(Defense):
         trace, pool, score = split_and_mixmatch(
             net, images, labels, optimizer, mixmatch_config(p, context.preset.train), epochs=p.epochs,
             choose_pool=choose_pool, sce_alpha=p.sce_alpha, sce_beta=p.sce_beta, num_classes=num_classes,
-            seed=context.seed, timer=timer, report=context.report_poison_rate, device=context.device,
+            seed=context.seed, timer=timer, report=context.report_poison_rate,
+            val=(val_set.images, val_set.labels) if val_set is not None else None, device=context.device,
             precision=precision)
         stage = trace[-1]["stage"]
         context.stage_times.update(timer.times)

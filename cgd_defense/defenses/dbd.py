@@ -327,6 +327,7 @@ class DBD(Defense):
             sce_alpha=p.sce_alpha, sce_beta=p.sce_beta, num_classes=len(context.classes), seed=context.seed,
             timer=timer, report=context.report_poison_rate,
             first_epoch=math.ceil(p.warmup_epochs) if p.rampup_counts_warmup else 0,
+            val=(val_set.images, val_set.labels) if val_set is not None else None,
             device=context.device, precision=precision)
         context.stage_times.update(timer.times)
 

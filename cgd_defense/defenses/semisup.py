@@ -189,13 +189,16 @@ def split_and_mixmatch(net: nn.Module, images: torch.Tensor, labels: torch.Tenso
                        choose_pool: Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict]],
                        sce_alpha: float, sce_beta: float, num_classes: int, seed: int, timer,
                        report: Callable[[torch.Tensor], float] | None = None, first_epoch: int = 0,
-                       device=None, precision: str = "auto") -> tuple[list[dict], torch.Tensor, torch.Tensor]:
+                       val: tuple[torch.Tensor, torch.Tensor] | None = None, device=None,
+                       precision: str = "auto") -> tuple[list[dict], torch.Tensor, torch.Tensor]:
     """The loop DBD and ASD share. Each epoch: every sample's SCE loss under the current model,
     `choose_pool(epoch, losses) -> (labelled-pool mask, the score it ranked by, trace fields)`, then
     one MixMatch epoch with the pool labelled and the rest unlabelled. `first_epoch` offsets the
     lambda_u ramp-up (DBD counts its warm-up epochs in it). `report(indices)` gives the poison rate of
-    a pool from the ground truth, for result.json only. Returns the per-epoch trace and the last
-    epoch's pool and score."""
+    a pool from the ground truth, for result.json only. With `val` (images, given labels of the
+    validation split), each epoch also records the model's accuracy there, `val_acc`: a learning
+    curve that shows whether the schedule left the model under-trained. It is reported, never used
+    to pick an epoch. Returns the per-epoch trace and the last epoch's pool and score."""
     gen = torch.Generator().manual_seed(seed + 1)
     rng = np.random.default_rng(seed + 1)
     trace: list[dict] = []
@@ -210,6 +213,9 @@ def split_and_mixmatch(net: nn.Module, images: torch.Tensor, labels: torch.Tenso
             stats = mixmatch_epoch(net, images, labels, labelled, unlabelled, optimizer, cfg,
                                    epoch=first_epoch + epoch, num_classes=num_classes, generator=gen, rng=rng,
                                    device=device)
+        if val is not None:
+            val_logits = predict(net, val[0], device=device, precision=precision)
+            stats["val_acc"] = float((val_logits.argmax(1) == val[1]).float().mean())
         trace.append({"epoch": epoch + 1, **fields, "pool": len(labelled),
                       "pool_poison_rate": report(labelled) if report is not None else None, **stats})
     return trace, pool, score
