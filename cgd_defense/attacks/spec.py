@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from ..config import PROJECT_ROOT, StrictModel, load_yaml, unknown_name_error, validate_model
+from ..config import PROJECT_ROOT, StrictModel, load_yaml, validate_model
 from ..errors import ConfigError
 from .triggers import TriggerKind, get_trigger_kind, list_trigger_kinds
 

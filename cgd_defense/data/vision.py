@@ -5,7 +5,6 @@ download); items are (uint8 CHW tensor, label) unless a transform is given.
 """
 from __future__ import annotations
 
-import torch
 from torch.utils.data import Dataset
 
 from ..harness.cache import Cache

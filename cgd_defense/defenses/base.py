@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import copy
-import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Literal
 

@@ -6,11 +6,11 @@ no final BN/ReLU): its state dict (102 keys for CIFAR-10) moves between the two 
 """
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .registry import register_model
+from .resnet import CifarResNet
 
 
 class PreActBlock(nn.Module):
@@ -33,41 +33,16 @@ class PreActBlock(nn.Module):
         return out + shortcut
 
 
-class PreActResNet(nn.Module):
+class PreActResNet(CifarResNet):
+    block = PreActBlock
+
     def __init__(self, num_blocks=(2, 2, 2, 2), num_classes: int = 10, width: int = 64):
         super().__init__()
-        self.in_planes = width
         self.conv1 = nn.Conv2d(3, width, 3, stride=1, padding=1, bias=False)
-        self.layer1 = self._make_layer(width, num_blocks[0], 1)
-        self.layer2 = self._make_layer(width * 2, num_blocks[1], 2)
-        self.layer3 = self._make_layer(width * 4, num_blocks[2], 2)
-        self.layer4 = self._make_layer(width * 8, num_blocks[3], 2)
-        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.linear = nn.Linear(width * 8, num_classes)
+        self._add_stages_and_head(num_blocks, num_classes, width)
 
-    def _make_layer(self, planes, num_blocks, stride):
-        layers = []
-        for s in [stride] + [1] * (num_blocks - 1):
-            layers.append(PreActBlock(self.in_planes, planes, s))
-            self.in_planes = planes
-        return nn.Sequential(*layers)
-
-    @property
-    def stages(self) -> list[nn.Module]:
-        return [self.layer1, self.layer2, self.layer3, self.layer4]
-
-    @property
-    def classifier(self) -> nn.Linear:
-        return self.linear
-
-    def forward_features(self, x):
-        out = self.conv1(x)
-        for stage in self.stages:
-            out = stage(out)
-        return self.avgpool(out).flatten(1)
-
-    def forward(self, x):
-        return self.linear(self.forward_features(x))
+    def stem(self, x):
+        return self.conv1(x)
 
 
 @register_model

@@ -1,10 +1,53 @@
-"""ResNet-18 with the CIFAR stem (3x3 conv, no max-pool), as used for 32x32 images."""
+"""ResNet-18 with the CIFAR stem (3x3 conv, no max-pool), as used for 32x32 images, and the
+four-stage layout it shares with PreActResNet-18."""
 from __future__ import annotations
 
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .registry import register_model
+
+
+class CifarResNet(nn.Module):
+    """The CIFAR ResNet layout: a 3x3 stem, four stages of `block` (widths w, 2w, 4w, 8w; strides 1,
+    2, 2, 2), global average pooling and `linear`. A subclass sets `block`, builds its stem in
+    `__init__` before calling `_add_stages_and_head` (so parameters keep their registration order),
+    and defines `stem`."""
+
+    block: type[nn.Module]
+
+    def _add_stages_and_head(self, num_blocks, num_classes: int, width: int) -> None:
+        self.in_planes = width
+        for i, (multiple, stride) in enumerate(zip((1, 2, 4, 8), (1, 2, 2, 2))):
+            setattr(self, f"layer{i + 1}", self._make_layer(width * multiple, num_blocks[i], stride))
+        self.linear = nn.Linear(width * 8, num_classes)
+
+    def _make_layer(self, planes: int, num_blocks: int, stride: int) -> nn.Sequential:
+        layers = []
+        for s in [stride] + [1] * (num_blocks - 1):
+            layers.append(self.block(self.in_planes, planes, s))
+            self.in_planes = planes
+        return nn.Sequential(*layers)
+
+    @property
+    def stages(self) -> list[nn.Module]:
+        return [self.layer1, self.layer2, self.layer3, self.layer4]
+
+    @property
+    def classifier(self) -> nn.Linear:
+        return self.linear
+
+    def stem(self, x):
+        raise NotImplementedError
+
+    def forward_features(self, x):
+        out = self.stem(x)
+        for stage in self.stages:
+            out = stage(out)
+        return F.adaptive_avg_pool2d(out, 1).flatten(1)
+
+    def forward(self, x):
+        return self.linear(self.forward_features(x))
 
 
 class BasicBlock(nn.Module):
@@ -25,41 +68,17 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class ResNet(nn.Module):
+class ResNet(CifarResNet):
+    block = BasicBlock
+
     def __init__(self, num_blocks=(2, 2, 2, 2), num_classes: int = 10, width: int = 64):
         super().__init__()
-        self.in_planes = width
         self.conv1 = nn.Conv2d(3, width, 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
-        self.layer1 = self._make_layer(width, num_blocks[0], 1)
-        self.layer2 = self._make_layer(width * 2, num_blocks[1], 2)
-        self.layer3 = self._make_layer(width * 4, num_blocks[2], 2)
-        self.layer4 = self._make_layer(width * 8, num_blocks[3], 2)
-        self.linear = nn.Linear(width * 8, num_classes)
+        self._add_stages_and_head(num_blocks, num_classes, width)
 
-    def _make_layer(self, planes, num_blocks, stride):
-        layers = []
-        for s in [stride] + [1] * (num_blocks - 1):
-            layers.append(BasicBlock(self.in_planes, planes, s))
-            self.in_planes = planes
-        return nn.Sequential(*layers)
-
-    @property
-    def stages(self) -> list[nn.Module]:
-        return [self.layer1, self.layer2, self.layer3, self.layer4]
-
-    @property
-    def classifier(self) -> nn.Linear:
-        return self.linear
-
-    def forward_features(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        for stage in self.stages:
-            out = stage(out)
-        return F.adaptive_avg_pool2d(out, 1).flatten(1)
-
-    def forward(self, x):
-        return self.linear(self.forward_features(x))
+    def stem(self, x):
+        return F.relu(self.bn1(self.conv1(x)))
 
 
 @register_model
