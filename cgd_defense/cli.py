@@ -361,14 +361,16 @@ def leaderboard_build(db_path, out_dir, grids):
 @click.argument("csv_path", metavar="RESULTS_CSV", type=click.Path(exists=True, dir_okay=False))
 @click.option("--db", "db_path", type=click.Path(), default=None, help="results database; default: leaderboard/results.sqlite")
 def leaderboard_import(csv_path, db_path):
-    """Add the finished jobs of a results.csv (e.g. the committed leaderboard/results.csv) to the
-    database, so that `grid run` skips them and `leaderboard build` shows them again."""
+    """Add the jobs of a results.csv (e.g. the committed leaderboard/results.csv) to the database:
+    finished ones, so that `grid run` skips them and `leaderboard build` shows them again, and
+    unfinished ones as pending, so that the rebuilt leaderboard still lists the work left."""
     from .leaderboard.build import read_results_csv
     from .leaderboard.db import ResultsDB
 
     db = ResultsDB(db_path)
-    added, kept = db.import_done(read_results_csv(csv_path))
-    click.echo(f"imported {added} finished jobs into {db.path}" + (f" ({kept} already there kept)" if kept else ""))
+    added, kept, pending = db.import_done(read_results_csv(csv_path))
+    click.echo(f"imported {added} finished jobs into {db.path}" + (f" ({kept} already there kept)" if kept else "")
+               + (f"; {pending} unfinished jobs registered as pending" if pending else ""))
 
 
 # ---------------------------------------------------------------------------------------------- backdoorbench

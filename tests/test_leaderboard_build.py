@@ -151,8 +151,32 @@ def test_results_csv_imports_back_into_a_fresh_database_unchanged(board, filled_
         (out / "README.md").read_text()
     assert "-entropy_map.png" in (rebuilt / "index.html").read_text()
     # importing into the database that ran the jobs keeps its fuller rows
-    assert db.import_done(read_results_csv(out / "results.csv")) == (0, 8)
+    assert db.import_done(read_results_csv(out / "results.csv")) == (0, 8, 0)
     assert db.rows(status="done")[0]["result"] is not None
+
+
+def test_unfinished_jobs_survive_export_and_import(tmp_path):
+    """A grid half run: its export lists the unfinished jobs, and importing that export into a fresh
+    database (a fresh checkout) registers them as pending, so the rebuilt board lists the same work."""
+    grid = tmp_path / "half.yaml"
+    grid.write_text("preset: smoke\ndatasets: [cifar10]\nseeds: [0]\nattacks: [clean, badnets]\ndefenses: [none]\n")
+    plan = load_plan(grid)
+    db = ResultsDB(tmp_path / "ran.sqlite")
+    db.register(plan.spec.name, plan.jobs)
+    finished, unfinished = plan.jobs
+    db.mark_running(finished.key)
+    db.record_result(finished.key, fake_result(finished, 0), peak_rss_mb=1.0, peak_gpu_mb=None, host="h", run_dir=None)
+    build_leaderboard(db, tmp_path / "out")
+    rows = read_results_csv(tmp_path / "out" / "results.csv")
+    assert [(r["job_key"], r["status"]) for r in rows] == [(finished.key, "done"), (unfinished.key, "pending")]
+    fresh = ResultsDB(tmp_path / "fresh.sqlite")
+    assert fresh.import_done(rows) == (1, 0, 1)
+    assert fresh.statuses([finished.key, unfinished.key]) == {finished.key: "done", unfinished.key: "pending"}
+    build_leaderboard(fresh, tmp_path / "rebuilt")
+    assert (tmp_path / "rebuilt" / "results.csv").read_text() == (tmp_path / "out" / "results.csv").read_text()
+    # a job the database already has is left as it is, whatever the export says
+    assert db.import_done(rows) == (0, 1, 0)
+    assert db.statuses([finished.key])[finished.key] == "done"
 
 
 def test_import_refuses_a_file_that_is_not_a_results_csv(tmp_path):

@@ -77,8 +77,9 @@ def _number(text: str, integer: bool = False) -> float | int | None:
 
 
 def read_results_csv(path: str | Path) -> list[dict]:
-    """The finished jobs of a `results.csv` as database rows (the inverse of `tables.flat_row` for
-    every column the CSV holds), in file order, each with its `grid`."""
+    """The jobs of a `results.csv` as database rows (the inverse of `tables.flat_row` for every column
+    the CSV holds), in file order, each with its `grid`. A job that had not finished (pending, running,
+    failed or skipped) comes back as `pending`, with its metrics empty: work still to do."""
     with open(path, newline="") as fh:
         reader = csv.DictReader(fh)
         missing = sorted(set(CSV_COLUMNS) - set(reader.fieldnames or []))
@@ -86,7 +87,7 @@ def read_results_csv(path: str | Path) -> list[dict]:
             from ..errors import CGDError
 
             raise CGDError(f"{path}: not a cgd-bench results.csv (missing columns: {', '.join(missing)})")
-        records = [r for r in reader if r["status"] == "done"]
+        records = list(reader)
     rows = []
     for r in records:
         n_suspect, fraction = _number(r["split_n_suspect"], integer=True), _number(r["split_suspect_fraction"])
@@ -104,7 +105,7 @@ def read_results_csv(path: str | Path) -> list[dict]:
         times = {"defense": _number(r["defense_s"]), "backdoor_training": _number(r["backdoor_training_s"]),
                  "total": _number(r["total_s"])}
         rows.append({
-            "grid": r["grid"], "job_key": r["job_key"], "status": "done", "dataset": r["dataset"],
+            "grid": r["grid"], "job_key": r["job_key"], "status": "done" if r["status"] == "done" else "pending", "dataset": r["dataset"],
             "preset": r["preset"], "attack": r["attack_name"], "attack_label": r["attack"],
             "attack_family": r["family"] or None, "defense": r["defense_name"], "defense_label": r["defense"],
             "threat_model": r["threat_model"] or None, "clip": r["clip"] or None, "seed": int(r["seed"]),

@@ -181,11 +181,14 @@ class ResultsDB:
                  result.get("git_commit"), _json_or_none(result.get("versions")), _json_or_none(result), run_dir, host,
                  time.time(), key))
 
-    def import_done(self, rows: Iterable[dict]) -> tuple[int, int]:
-        """Add finished jobs exported elsewhere (`build.read_results_csv`) and their grid membership.
-        A job this database already had as done keeps its own, fuller row. Returns the number of jobs
-        added and of jobs kept (a job listed by several grids counts once)."""
+    def import_done(self, rows: Iterable[dict]) -> tuple[int, int, int]:
+        """Add jobs exported elsewhere (`build.read_results_csv`) and their grid membership: finished
+        ones with their results, unfinished ones as pending (unless this database knows the job
+        already), so that the grids' pending work survives an export and import. A job this database
+        already had as done keeps its own, fuller row. Returns the number of finished jobs added, of
+        finished jobs kept and of pending jobs added (a job listed by several grids counts once)."""
         added: set[str] = set()
+        pending: set[str] = set()
         positions: dict[str, int] = {}
         with closing(self._connect()) as conn, conn:
             done_before = {r[0] for r in conn.execute("SELECT job_key FROM jobs WHERE status = 'done'")}
@@ -194,6 +197,17 @@ class ResultsDB:
                 position = positions[row["grid"]] = positions.get(row["grid"], -1) + 1
                 conn.execute("INSERT OR IGNORE INTO grid_jobs VALUES (?, ?, ?)",
                              (row["grid"], row["job_key"], position))
+                if row["status"] != "done":
+                    inserted = conn.execute(
+                        "INSERT OR IGNORE INTO jobs (job_key, dataset, preset, attack, attack_label, attack_family, "
+                        "defense, defense_label, threat_model, clip, seed, config_json, status, created_at) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?)",
+                        (row["job_key"], row["dataset"], row["preset"], row["attack"], row["attack_label"],
+                         row["attack_family"], row["defense"], row["defense_label"], row["threat_model"],
+                         row["clip"], row["seed"], _json_or_none(row["config"]), time.time())).rowcount
+                    if inserted:
+                        pending.add(row["job_key"])
+                    continue
                 if row["job_key"] in done_before:
                     kept.add(row["job_key"])
                     continue
@@ -213,7 +227,7 @@ class ResultsDB:
                      row["cpu_s"], _json_or_none(row["clip_info"]), _json_or_none(row["data"]), row["git_commit"],
                      row["host"], row["error"], time.time(), row["finished_at"]))
                 added.add(row["job_key"])
-        return len(added), len(kept)
+        return len(added), len(kept), len(pending - added)
 
     # ------------------------------------------------------------------------------------------ reads
 
