@@ -368,7 +368,7 @@ def leaderboard_import(csv_path, db_path):
     from .leaderboard.db import ResultsDB
 
     db = ResultsDB(db_path)
-    added, kept, pending = db.import_done(read_results_csv(csv_path))
+    added, kept, pending = db.import_rows(read_results_csv(csv_path))
     click.echo(f"imported {added} finished jobs into {db.path}" + (f" ({kept} already there kept)" if kept else "")
                + (f"; {pending} unfinished jobs registered as pending" if pending else ""))
 

@@ -151,7 +151,7 @@ def test_results_csv_imports_back_into_a_fresh_database_unchanged(board, filled_
         (out / "README.md").read_text()
     assert "-entropy_map.png" in (rebuilt / "index.html").read_text()
     # importing into the database that ran the jobs keeps its fuller rows
-    assert db.import_done(read_results_csv(out / "results.csv")) == (0, 8, 0)
+    assert db.import_rows(read_results_csv(out / "results.csv")) == (0, 8, 0)
     assert db.rows(status="done")[0]["result"] is not None
 
 
@@ -170,12 +170,12 @@ def test_unfinished_jobs_survive_export_and_import(tmp_path):
     rows = read_results_csv(tmp_path / "out" / "results.csv")
     assert [(r["job_key"], r["status"]) for r in rows] == [(finished.key, "done"), (unfinished.key, "pending")]
     fresh = ResultsDB(tmp_path / "fresh.sqlite")
-    assert fresh.import_done(rows) == (1, 0, 1)
+    assert fresh.import_rows(rows) == (1, 0, 1)
     assert fresh.statuses([finished.key, unfinished.key]) == {finished.key: "done", unfinished.key: "pending"}
     build_leaderboard(fresh, tmp_path / "rebuilt")
     assert (tmp_path / "rebuilt" / "results.csv").read_text() == (tmp_path / "out" / "results.csv").read_text()
     # a job the database already has is left as it is, whatever the export says
-    assert db.import_done(rows) == (0, 1, 0)
+    assert db.import_rows(rows) == (0, 1, 0)
     assert db.statuses([finished.key])[finished.key] == "done"
 
 

@@ -105,8 +105,8 @@ def read_results_csv(path: str | Path) -> list[dict]:
         times = {"defense": _number(r["defense_s"]), "backdoor_training": _number(r["backdoor_training_s"]),
                  "total": _number(r["total_s"])}
         rows.append({
-            "grid": r["grid"], "job_key": r["job_key"], "status": "done" if r["status"] == "done" else "pending", "dataset": r["dataset"],
-            "preset": r["preset"], "attack": r["attack_name"], "attack_label": r["attack"],
+            "grid": r["grid"], "job_key": r["job_key"], "status": "done" if r["status"] == "done" else "pending",
+            "dataset": r["dataset"], "preset": r["preset"], "attack": r["attack_name"], "attack_label": r["attack"],
             "attack_family": r["family"] or None, "defense": r["defense_name"], "defense_label": r["defense"],
             "threat_model": r["threat_model"] or None, "clip": r["clip"] or None, "seed": int(r["seed"]),
             **{k: _number(r[k]) for k in ("clean_acc", "asr", "ra", "der", "nd_clean_acc", "nd_asr", "nd_ra",

@@ -181,7 +181,7 @@ class ResultsDB:
                  result.get("git_commit"), _json_or_none(result.get("versions")), _json_or_none(result), run_dir, host,
                  time.time(), key))
 
-    def import_done(self, rows: Iterable[dict]) -> tuple[int, int, int]:
+    def import_rows(self, rows: Iterable[dict]) -> tuple[int, int, int]:
         """Add jobs exported elsewhere (`build.read_results_csv`) and their grid membership: finished
         ones with their results, unfinished ones as pending (unless this database knows the job
         already), so that the grids' pending work survives an export and import. A job this database
@@ -227,7 +227,7 @@ class ResultsDB:
                      row["cpu_s"], _json_or_none(row["clip_info"]), _json_or_none(row["data"]), row["git_commit"],
                      row["host"], row["error"], time.time(), row["finished_at"]))
                 added.add(row["job_key"])
-        return len(added), len(kept), len(pending - added)
+        return len(added), len(kept), len(pending)
 
     # ------------------------------------------------------------------------------------------ reads
 
