@@ -225,15 +225,22 @@ def test_asd_seeds_per_class_from_the_oracle_pool():
 # End to end at the smoke preset
 
 
-@pytest.fixture(scope="module", params=["abl", "dbd", "asd"])
-def smoke_result(request, mini_root, session_cache_dir):
-    cfg = RunConfig(attack="badnets", defense=request.param, preset="smoke", data_root=str(mini_root),
-                    cache_dir=str(session_cache_dir))
-    return request.param, run(cfg)
+@pytest.fixture(scope="module")
+def smoke_run(mini_root, session_cache_dir):
+    """`smoke_run(name)`: the baseline's result on BadNets at the smoke preset, run once per module."""
+    results = {}
+
+    def get(name: str) -> dict:
+        if name not in results:
+            results[name] = run(RunConfig(attack="badnets", defense=name, preset="smoke", data_root=str(mini_root),
+                                          cache_dir=str(session_cache_dir)))
+        return results[name]
+    return get
 
 
-def test_baseline_runs_end_to_end_and_reports_its_split(smoke_result):
-    name, result = smoke_result
+@pytest.mark.parametrize("name", ["abl", "dbd", "asd"])
+def test_baseline_runs_end_to_end_and_reports_its_split(smoke_run, name):
+    result = smoke_run(name)
     n_train = result["data"]["n_train"]
     split = result["split"]
     assert split["n_total"] == n_train and split["n_clean_part"] + split["n_suspect_part"] == n_train
@@ -245,17 +252,13 @@ def test_baseline_runs_end_to_end_and_reports_its_split(smoke_result):
     assert (result["clean_acc"], result["asr"]) != (result["no_defense"]["clean_acc"], result["no_defense"]["asr"])
 
 
-def test_abl_isolates_one_percent(smoke_result):
-    name, result = smoke_result
-    if name != "abl":
-        pytest.skip("ABL only")
+def test_abl_isolates_one_percent(smoke_run):
+    result = smoke_run("abl")
     assert result["split"]["n_suspect_part"] == max(1, int(0.01 * result["data"]["n_train"]))
 
 
-def test_asd_seeds_are_clean_and_recorded(smoke_result):
-    name, result = smoke_result
-    if name != "asd":
-        pytest.skip("ASD only")
+def test_asd_seeds_are_clean_and_recorded(smoke_run):
+    result = smoke_run("asd")
     info = result["defense_info"]
     assert info["n_seeds"] == 10 * 10 and info["seed_poison_rate"] == 0.0
     assert [e["stage"] for e in info["epochs"]] == ["class-aware", "class-agnostic", "meta"]
@@ -263,21 +266,17 @@ def test_asd_seeds_are_clean_and_recorded(smoke_result):
     assert all(0.0 <= e["val_acc"] <= 1.0 for e in info["epochs"])  # the learning curve on the validation split
 
 
-def test_dbd_keeps_the_lowest_loss_half_labelled(smoke_result):
-    name, result = smoke_result
-    if name != "dbd":
-        pytest.skip("DBD only")
+def test_dbd_keeps_the_lowest_loss_half_labelled(smoke_run):
+    result = smoke_run("dbd")
     assert result["split"]["n_clean_part"] == int(0.5 * result["data"]["n_train"])
     assert len(result["defense_info"]["mixmatch_epochs"]) == 2 and len(result["defense_info"]["simclr_loss"]) == 1
     assert all(0.0 <= e["val_acc"] <= 1.0 for e in result["defense_info"]["mixmatch_epochs"])
 
 
-def test_dbd_ramp_up_counts_the_warm_up_only_when_asked(smoke_result, mini_root, session_cache_dir):
+def test_dbd_ramp_up_counts_the_warm_up_only_when_asked(smoke_run, mini_root, session_cache_dir):
     """smoke: warm-up 0.5 epoch (one counted epoch), ramp-up 2 epochs, lambda_u 15, 2 MixMatch epochs;
     the trace holds lambda_u at the end of each epoch."""
-    name, result = smoke_result
-    if name != "dbd":
-        pytest.skip("DBD only")
+    result = smoke_run("dbd")
     counted = [e["lambda_u"] for e in result["defense_info"]["mixmatch_epochs"]]
     assert counted == pytest.approx([15.0, 15.0])  # the authors' way: (1 + 1) / 2 already at the first epoch's end
     cfg = RunConfig(attack="badnets", defense="dbd", preset="smoke", data_root=str(mini_root),

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 
 import pytest
 import torch
@@ -22,9 +21,6 @@ from cgd_defense.harness.presets import get_preset
 from cgd_defense.harness.trainer import TrainConfig
 from cgd_defense.models import Classifier
 from cgd_defense.registry import create_defense
-
-HAS_CGD = importlib.util.find_spec("cgd_defense.defenses.cgd") is not None
-
 
 # ---------------------------------------------------------------------------------------------- clean sources
 
@@ -83,7 +79,6 @@ def test_oracle_outside_the_harness_is_a_clear_error():
         resolve_clean_data(CleanDataParams(), data, ctx, "anp")
 
 
-@pytest.mark.skipif(not HAS_CGD, reason="cgd_defense.defenses.cgd is not importable")
 def test_cgd_source_parameters_carry_the_resolved_cgd_settings(monkeypatch):
     """Cache and grid keys are built from get_params(): with clean_source=cgd they must change when a
     CGD default does, or a model defended with another split would be reused."""
@@ -301,8 +296,6 @@ TEST_FRACTION = 0.02
 def test_smoke_run_end_to_end(defense, source, mini_root, session_cache_dir):
     params = {"clean_source": source, "fraction": TEST_FRACTION, **TEST_SCHEDULES[defense]}
     if source == "cgd":
-        if not HAS_CGD:
-            pytest.skip("cgd_defense.defenses.cgd is not importable")
         from cgd_defense.defenses.cgd import split_for_run
         # test_cgd_run.py's CGD settings: one split, cached for all four defenses (and shared with it in a suite)
         params["cgd_params"] = {"variant": "reference", "suspicious_epochs": 1}
