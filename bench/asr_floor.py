@@ -23,7 +23,8 @@ from pathlib import Path
 
 from cgd_defense.harness.cache import Cache, atomic_write_text
 from cgd_defense.harness.metrics import attack_success_rate, clean_accuracy, robust_accuracy
-from cgd_defense.harness.pipeline import RunConfig, StageTimer, backdoored_model, defend_and_evaluate, prepare_data
+from cgd_defense.harness.pipeline import RunConfig, backdoored_model, defend_and_evaluate, prepare_data
+from cgd_defense.harness.stages import StageTimer
 from cgd_defense.harness.presets import get_preset
 from cgd_defense.harness.script_args import add_run_arguments, run_config
 from cgd_defense.harness.trainer import predict

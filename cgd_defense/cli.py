@@ -277,16 +277,24 @@ def grid_list():
 @grid.command("show")
 @click.argument("grid_name", metavar="GRID")
 @click.option("--db", "db_path", type=click.Path(), default=None, help="results database; default: leaderboard/results.sqlite")
-def grid_show(grid_name, db_path):
-    """Every job of GRID in run order, with its status in the database."""
+@click.option("--runs-dir", type=click.Path(), default=None, help="run folders; default: runs/ beside the database")
+def grid_show(grid_name, db_path, runs_dir):
+    """Every job of GRID in run order, with its status in the database; a running job also shows
+    the newest line of its run.log (the stage or epoch it is in)."""
     from .leaderboard.db import ResultsDB
     from .leaderboard.grid import load_plan
+    from .leaderboard.runner import job_run_dir, last_log_line, runs_root_of
 
     plan = load_plan(grid_name)
-    status = ResultsDB(db_path).statuses(j.key for j in plan.jobs)
+    db = ResultsDB(db_path)
+    status = db.statuses(j.key for j in plan.jobs)
+    runs_root = runs_root_of(db, runs_dir)
     for job in plan.jobs:
         state = "unregistered" if job.unregistered else status.get(job.key, "new")
-        click.echo(f"{job.position:>5} {job.key[:10]} {state:<12} {job.describe()}")
+        line = f"{job.position:>5} {job.key[:10]} {state:<12} {job.describe()}"
+        if state == "running" and (latest := last_log_line(job_run_dir(runs_root, plan.spec.name, job))):
+            line += f"  | {latest}"
+        click.echo(line)
     if plan.unregistered_names:
         click.echo(f"not registered: {', '.join(plan.unregistered_names)}")
 

@@ -386,6 +386,7 @@ def test_defend_writes_backdoorbench_defense_files(smoke, tmp_path):
     assert last["test_ra"] == pytest.approx(result["ra"])
     saved = json.loads((out / "result.json").read_text())
     assert saved["record"]["format"] == "v2" and saved["data"]["n_victim_pool"] == 4000
+    assert "evaluate: done in" in (out / "run.log").read_text()
     # bd_test is the run's triggered set, so ASR matches the run's own evaluation
     run_result = json.loads((smoke["base"] / "run" / "result.json").read_text())
     assert result["asr"] == pytest.approx(run_result["asr"])

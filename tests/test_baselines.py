@@ -109,7 +109,7 @@ def test_split_and_mixmatch_rescores_each_epoch_and_trains_on_the_chosen_pool():
     poisoned[5] = True
     trace, pool, score = split_and_mixmatch(
         net, images, labels, optimizer, cfg, epochs=3, choose_pool=choose_pool, sce_alpha=0.1, sce_beta=1.0,
-        num_classes=4, seed=0, timer=lambda stage: contextlib.nullcontext(),
+        num_classes=4, seed=0, stage=lambda name: contextlib.nullcontext(),
         report=lambda idx: float(poisoned[idx].float().mean()), first_epoch=2, device="cpu", precision="fp32",
         val=(images[:12], labels[:12]))
     assert [t["stage"] for t in trace] == ["s0", "s1", "s2"] and [t["pool"] for t in trace] == [10, 15, 20]

@@ -30,6 +30,8 @@ def test_cgd_smoke_run_writes_split_metrics_and_entropy_map(mini_root, session_c
     assert clip["prompts"][0] == "a photo of a airplane" and len(clip["prompts"]) == 10
     assert (clip["calibration"], clip["teacher_scale"]) == ("cosine", 1.0)
     assert json.loads((out / "result.json").read_text())["split"] == split
+    log = (out / "run.log").read_text()  # the stages, as they ran
+    assert "run: cifar10/badnets/cgd, preset smoke" in log and "defense: done in" in log and "evaluate: done in" in log
     assert (out / "entropy_map.png").stat().st_size > 10_000
     saved = torch.load(out / "split.pt", weights_only=True)
     assert int(saved["ground_truth"]["poison_mask"].sum()) == result["data"]["n_poisoned_train"]

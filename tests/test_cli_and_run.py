@@ -1,5 +1,6 @@
 """End to end: the smoke preset through the CLI, and the one-line errors for bad input."""
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -7,6 +8,7 @@ import sys
 import pytest
 
 from cgd_defense.config import PROJECT_ROOT
+from cgd_defense.harness.stages import run_log, timed_stage
 
 
 def cli(*args, env=None):
@@ -77,3 +79,24 @@ def test_lists(tmp_path):
     assert proc.returncode == 0 and "none" in proc.stdout
     proc = cli("attacks", "list", "b*", "--exclude", "blend*")
     assert proc.stdout.split() [0] == "badnets" and "blended" not in proc.stdout
+
+
+def test_stages_are_timed_summed_when_they_recur_and_logged_to_the_run_log(tmp_path):
+    times: dict[str, float] = {}
+    path = tmp_path / "job" / "run.log"
+    path.parent.mkdir()
+    path.write_text("a line of an earlier attempt\n")
+    with run_log(path, prefix="[job 1%] "):
+        for _ in range(2):
+            with timed_stage(times, "split", label="defense.split"):
+                pass
+        with pytest.raises(RuntimeError), timed_stage(times, "evaluate"):
+            raise RuntimeError("boom")
+    logging.getLogger("cgd_defense.stages").info("after the block")
+    messages = [line.split(" ", 2)[2] for line in path.read_text().splitlines()]  # after the date and time
+    assert [m.rsplit(" ", 2)[0] if " in " in m or " after " in m else m for m in messages] == [
+        "[job 1%] defense.split: started", "[job 1%] defense.split: done in",
+        "[job 1%] defense.split: started", "[job 1%] defense.split: done in",
+        "[job 1%] evaluate: started", "[job 1%] evaluate: failed after"]
+    assert set(times) == {"split", "evaluate"} and all(t >= 0 for t in times.values())
+    assert logging.getLogger("cgd_defense").level == logging.NOTSET  # the package logger is as it was

@@ -34,6 +34,14 @@ def job_rows(db_path) -> dict[str, dict]:
         return {r["attack"]: dict(r) for r in conn.execute("SELECT * FROM jobs")}
 
 
+def assert_stages_logged(run_log: Path, *messages: str) -> None:
+    """`run_log` has a timestamped line for each message, in this order."""
+    lines = run_log.read_text().splitlines()
+    positions = [next((i for i, line in enumerate(lines) if message in line), None) for message in messages]
+    assert None not in positions and positions == sorted(positions), (messages, lines)
+    assert all(line[:4].isdigit() for line in lines)  # every line starts with its date
+
+
 @pytest.fixture(scope="module")
 def tiny_grid(tmp_path_factory) -> Path:
     smoke = yaml.safe_load((GRIDS_DIR / "smoke.yaml").read_text())
@@ -66,6 +74,8 @@ def test_grid_run_records_one_complete_row_per_job(first_run):
     assert config["attack"]["name"] == "badnets" and config["preset"]["name"] == "smoke"
     result = json.loads((Path(bad["run_dir"]) / "result.json").read_text())  # the driver wrote the run folder
     assert result["asr"] == bad["asr"]
+    assert_stages_logged(Path(bad["run_dir"]) / "run.log", "run: cifar10/badnets/none, preset smoke, seed 0",
+                         "data: started", "data: done in", "backdoor_training: done in", "evaluate: done in")
     assert "grid tiny" in proc.stderr and "2/2" in proc.stderr  # one bar over the grid
     assert "ran 2 (2 done, 0 failed)" in proc.stdout
 
@@ -165,6 +175,26 @@ def test_sigkill_loses_nothing_finished_and_repeats_only_the_interrupted_job(
     assert after["badnets"]["asr"] == job_rows(first_run[0])["badnets"]["asr"]
 
 
+def test_grid_show_says_where_a_running_job_is(tiny_grid, tmp_path):
+    from cgd_defense.leaderboard.runner import job_run_dir
+
+    plan = load_plan(tiny_grid)
+    db = ResultsDB(tmp_path / "results.sqlite")
+    db.register(plan.spec.name, plan.jobs)
+    running = next(j for j in plan.jobs if j.attack == "badnets")
+    db.mark_running(running.key)
+    run_dir = job_run_dir(tmp_path / "runs", plan.spec.name, running)
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.log").write_text("2026-12-06 01:00:00 data: done in 1.0 s\n"
+                                     "2026-12-06 01:00:01 train victim (badnets): epoch 2/4, loss 1.2\n")
+    proc = cli("grid", "show", str(tiny_grid), "--db", str(db.path))
+    assert proc.returncode == 0, proc.stderr
+    lines = {line.split()[3]: line for line in proc.stdout.splitlines()}
+    assert lines["cifar10/badnets/none"].endswith("running      cifar10/badnets/none seed=0  | "
+                                                   "2026-12-06 01:00:01 train victim (badnets): epoch 2/4, loss 1.2")
+    assert "|" not in lines["cifar10/clean/none"]  # a job that is not running shows no log line
+
+
 def test_missing_data_is_refused_before_any_job_starts(tiny_grid, tmp_path):
     proc = cli("grid", "run", str(tiny_grid), "--db", str(tmp_path / "r.sqlite"), "--data-root",
                str(tmp_path / "nowhere"))
@@ -184,6 +214,10 @@ def test_failed_jobs_are_recorded_and_retried_on_request(first_run, tiny_grid, m
     rows = job_rows(db_path)
     assert {r["status"] for r in rows.values()} == {"failed"}
     assert all("missing class folders" in r["error"] and "Traceback" in r["error"] for r in rows.values())
+    failed_logs = sorted((tmp_path / "runs" / "tiny").glob("*/run.log"))  # written live: kept for a failed job
+    assert len(failed_logs) == 2
+    for log in failed_logs:
+        assert_stages_logged(log, "data: started", "data: failed after")
 
     plan, db = load_plan(tiny_grid), ResultsDB(db_path)
     summary = run_grid(plan, db, data_root=str(mini_root), cache_dir=str(session_cache_dir))
@@ -192,6 +226,9 @@ def test_failed_jobs_are_recorded_and_retried_on_request(first_run, tiny_grid, m
                        cache_dir=str(session_cache_dir))
     assert summary.succeeded == 2 and not summary.failed
     assert {(r["status"], r["attempts"], r["error"]) for r in job_rows(db_path).values()} == {("done", 2, None)}
+    for log in failed_logs:  # the retry's log replaced the failed attempt's
+        assert "failed" not in log.read_text()
+        assert_stages_logged(log, "data: done in", "evaluate: done in")
 
 
 def test_unregistered_names_recorded_as_skipped(first_run, tiny_grid, mini_root, session_cache_dir, tmp_path):
@@ -221,3 +258,4 @@ def test_ray_backend_on_a_local_instance(first_run, tiny_grid, mini_root, sessio
         assert row["status"] == "done" and row["peak_rss_mb"] > 100
         assert (row["clean_acc"], row["asr"]) == (local[attack]["clean_acc"], local[attack]["asr"])
         assert (Path(row["run_dir"]) / "result.json").is_file()
+        assert_stages_logged(Path(row["run_dir"]) / "run.log", "data: done in", "evaluate: done in")

@@ -62,12 +62,16 @@ def test_training_is_deterministic_and_learns():
     assert acc > 0.9
 
 
-def test_per_sample_loss_tracking_and_index_pool():
+def test_per_sample_loss_tracking_and_index_pool(caplog):
     images, labels = _toy()
     model = Classifier(create_model("fastnet_small", 2), (0.5,) * 3, (0.25,) * 3)
     pool = torch.tensor([0, 1, 2, 3, 3, 3])  # duplicates = oversampling
-    res = train(model, images, labels, TrainConfig(epochs=2, batch_size=4, precision="fp32"), indices=pool,
-                track_loss=True)
+    with caplog.at_level("INFO", logger="cgd_defense"):
+        res = train(model, images, labels, TrainConfig(epochs=2, batch_size=4, precision="fp32"), indices=pool,
+                    track_loss=True, desc="toy")
+    epochs_logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("toy: epoch")]
+    assert [m.split(",")[0] for m in epochs_logged] == ["toy: epoch 1/2", "toy: epoch 2/2"]  # what run.log shows
+    assert f"loss {res.history[-1]['loss']:.4f}" in epochs_logged[-1]
     assert res.sample_losses.shape == (2, 64)
     seen = ~torch.isnan(res.sample_losses[0])
     assert seen.nonzero().flatten().tolist() == [0, 1, 2, 3]

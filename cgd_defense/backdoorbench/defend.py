@@ -32,10 +32,11 @@ from ..data.splits import stratified_holdout
 from ..defenses.base import Split
 from ..errors import CGDError
 from ..harness.cache import Cache, atomic_write_text, tensor_digest
-from ..harness.pipeline import (RunConfig, RunData, StageTimer, _json_safe, defend_and_evaluate, defense_context,
+from ..harness.pipeline import (RunConfig, RunData, _json_safe, defend_and_evaluate, defense_context,
                                 write_run_folder)
 from ..harness.presets import get_preset
 from ..harness.provenance import git_commit, machine, package_versions
+from ..harness.stages import RUN_LOG, StageTimer, run_log
 from ..models import Classifier
 from .formats import CROSS_SAMPLE_ATTACKS
 from .record import BackdoorBenchRecord, read_record
@@ -135,8 +136,9 @@ def defend_record(record_dir: str | os.PathLike, defense: str = "cgd", params: d
     data = record_run_data(record, preset_obj.val_fraction, seed)
     staging = Path(tempfile.mkdtemp(prefix="cgd-bb-defend-"))
     try:
-        fields, defended = defend_and_evaluate(cfg, data, record.model, _record_model_key(record, cache), cache,
-                                               staging, timer)
+        with run_log(staging / RUN_LOG):
+            fields, defended = defend_and_evaluate(cfg, data, record.model, _record_model_key(record, cache), cache,
+                                                   staging, timer)
         result: dict[str, Any] = {
             **fields,
             "attack": record.attack, "attack_family": data.attack.family, "dataset": record.dataset,

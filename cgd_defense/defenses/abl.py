@@ -81,15 +81,14 @@ class ABL(Defense):
     def fit(self, model, train_set: ImageData, *, val_set=None, clean_subset=None, context) -> "ABL":
         """Train a fresh model of `model`'s architecture on `train_set` (ABL trains from scratch; the
         backdoored `model` itself is not used)."""
-        from ..harness.pipeline import StageTimer, build_model  # deferred: the pipeline imports this package
+        from ..harness.pipeline import build_model  # deferred: the pipeline imports this package
 
         p = self.params
         images, labels = train_set.images, train_set.labels
-        timer = StageTimer()
         torch.manual_seed(context.seed)
         net = build_model(context.preset, context.dataset, len(context.classes))
 
-        with timer("isolation"):
+        with context.stage("isolation"):
             train(net, images, labels, self._config(context, epochs=p.isolation_epochs, lr=p.lr),
                   seed=context.seed, loss_fn=lambda logits, b: lga_loss(logits, b.y, p.gamma),
                   device=context.device, desc="abl: LGA isolation training")
@@ -97,18 +96,17 @@ class ABL(Defense):
             losses = F.cross_entropy(logits, labels, reduction="none")
             isolated = lowest_fraction(losses, p.isolation_ratio)
         rest = torch.nonzero(~isolated).flatten()
-        with timer("finetune"):
+        with context.stage("finetune"):
             if p.finetune_epochs > 0:
                 train(net, images, labels,
                       self._config(context, epochs=p.finetune_epochs, lr=p.lr, schedule="multistep",
                                    milestones=[p.finetune_lr_drop]),
                       seed=context.seed + 1, indices=rest, device=context.device, desc="abl: fine-tune on the rest")
-        with timer("unlearning"):
+        with context.stage("unlearning"):
             train(net, images, labels,
                   self._config(context, epochs=p.unlearning_epochs, lr=p.unlearning_lr, augment=False),
                   seed=context.seed + 2, indices=torch.nonzero(isolated).flatten(), loss_fn=_gradient_ascent,
                   device=context.device, desc="abl: unlearn the isolated set")
-        context.stage_times.update(timer.times)
 
         self.model_ = net.eval()
         # A low loss under the LGA-trained model is what ABL calls suspicious: the score is its negation.

@@ -18,7 +18,6 @@ No pruning depth is chosen on the test set (BackdoorBench picks the lowest test 
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -174,15 +173,13 @@ class ANP(Defense):
         if clean_subset is not None:
             raise CGDError("defense 'anp' takes its clean data from clean_source (oracle | cgd | random), "
                            "not from clean_subset")
-        t0 = time.perf_counter()
-        clean = resolve_clean_data(p, train_set, context, self.name, val_set=val_set)
-        context.stage_times["clean_data"] = round(time.perf_counter() - t0, 3)
+        with context.stage("clean_data"):
+            clean = resolve_clean_data(p, train_set, context, self.name, val_set=val_set)
 
-        t0 = time.perf_counter()
-        state = optimise_neuron_masks(model, clean.data.images, clean.data.labels, iterations=p.iterations,
-                                      batch_size=p.batch_size, lr=p.lr, eps=p.eps, steps=p.steps, alpha=p.alpha,
-                                      recipe=context.preset.train, seed=context.seed, device=context.device)
-        context.stage_times["mask_optimisation"] = round(time.perf_counter() - t0, 3)
+        with context.stage("mask_optimisation"):
+            state = optimise_neuron_masks(model, clean.data.images, clean.data.labels, iterations=p.iterations,
+                                          batch_size=p.batch_size, lr=p.lr, eps=p.eps, steps=p.steps, alpha=p.alpha,
+                                          recipe=context.preset.train, seed=context.seed, device=context.device)
 
         values = state.mask_values()
         pruned = neurons_to_prune(values, by=p.pruning_by, threshold=p.threshold, count=p.count)

@@ -162,14 +162,13 @@ class ASD(Defense):
     def fit(self, model, train_set: ImageData, *, val_set=None, clean_subset=None, context) -> "ASD":
         """Train a fresh model of `model`'s architecture on `train_set` (ASD trains from scratch; the
         backdoored `model` itself is not used)."""
-        from ..harness.pipeline import StageTimer, build_model  # deferred: the pipeline imports this package
+        from ..harness.pipeline import build_model  # deferred: the pipeline imports this package
 
         p = self.params
         images, labels = train_set.images, train_set.labels
         num_classes = len(context.classes)
         precision = context.preset.train.precision
-        timer = StageTimer()
-        with timer("seeds"):
+        with context.stage("seeds"):
             seeds, seed_info = self._seeds(train_set, context)
         torch.manual_seed(context.seed)
         net = build_model(context.preset, context.dataset, num_classes)
@@ -187,11 +186,10 @@ class ASD(Defense):
         trace, pool, score = split_and_mixmatch(
             net, images, labels, optimizer, mixmatch_config(p, context.preset.train), epochs=p.epochs,
             choose_pool=choose_pool, sce_alpha=p.sce_alpha, sce_beta=p.sce_beta, num_classes=num_classes,
-            seed=context.seed, timer=timer, report=context.report_poison_rate,
+            seed=context.seed, stage=context.stage, report=context.report_poison_rate,
             val=(val_set.images, val_set.labels) if val_set is not None else None, device=context.device,
             precision=precision)
         stage = trace[-1]["stage"]
-        context.stage_times.update(timer.times)
 
         self.model_ = net.eval()
         score_name = "loss_minus_meta_loss" if stage == "meta" else "sce_loss"

@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from ..config import StrictModel, unknown_name_error, validate_model
 from ..data.datasets import ImageData
+from ..harness.stages import timed_stage
 
 ThreatModel = Literal["poisoned-data", "clean-subset", "model-only"]
 
@@ -88,6 +89,11 @@ class DefenseContext:
     report_poison_rate: Callable[[torch.Tensor], float] | None = None
     stage_times: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def stage(self, name: str):
+        """`with context.stage("name"): ...` times a stage of the defense into `stage_times` (what
+        result.json reports as `defense.<name>`) and logs its start and end."""
+        return timed_stage(self.stage_times, name, label=f"defense.{name}")
 
 
 class Defense:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import io
 import json
-import time
 from pathlib import Path
 from typing import Literal
 
@@ -214,16 +213,14 @@ class CGD(Defense):
         return context.cache.get_or_compute("cgd_suspicious", spec, compute)["logits"]
 
     def _split(self, p: CGDParams, train_set: ImageData, val_set: ImageData | None, context: DefenseContext):
-        t0 = time.perf_counter()
-        clip, cosines = self._clip_cosines(p, context, train_set, *([val_set] if val_set is not None else []))
-        train_cos, val_cos = cosines[0], (cosines[1] if val_set is not None else None)
-        scale = self._teacher_scale(p, clip, val_cos, val_set)
-        clip_nll = nll_of_labels(train_cos, train_set.labels)
-        context.stage_times["clip_scoring"] = round(time.perf_counter() - t0, 3)
+        with context.stage("clip_scoring"):
+            clip, cosines = self._clip_cosines(p, context, train_set, *([val_set] if val_set is not None else []))
+            train_cos, val_cos = cosines[0], (cosines[1] if val_set is not None else None)
+            scale = self._teacher_scale(p, clip, val_cos, val_set)
+            clip_nll = nll_of_labels(train_cos, train_set.labels)
 
-        t0 = time.perf_counter()
-        susp_nll = nll_of_labels(self._suspicious_logits(p, train_set, context), train_set.labels)
-        context.stage_times["suspicious_training"] = round(time.perf_counter() - t0, 3)
+        with context.stage("suspicious_training"):
+            susp_nll = nll_of_labels(self._suspicious_logits(p, train_set, context), train_set.labels)
 
         if p.sigma_mode in ("auto", "auto_capped"):
             sigma = auto_sigma(susp_nll, (p.sigma1, p.sigma2), p.auto_sigma_gap, (p.auto_sigma_min, p.auto_sigma_max),
@@ -251,27 +248,28 @@ class CGD(Defense):
         p = self.params
         split, teacher_logits, val_cos = self._split(p, train_set, val_set, context)
 
-        t0 = time.perf_counter()
-        clean_pool = balance_clean_indices(split.clean, train_set.labels, p.balance, context.seed)
-        roles = torch.full((len(train_set),), ROLE_REST, dtype=torch.long)
-        roles[split.suspect] = ROLE_SUSPECT
-        roles[split.clean] = ROLE_CLEAN
-        # one shuffled pool: balanced clean indices, then every non-clean index once (`cgd.py:552-597`)
-        pool = torch.cat([clean_pool, torch.nonzero(~split.clean).flatten()])
-        cfg = TrainConfig(epochs=p.retrain_epochs, batch_size=p.retrain_batch_size, optimizer="sgd", lr=p.retrain_lr,
-                          momentum=p.retrain_momentum, nesterov=False, weight_decay=p.retrain_weight_decay,
-                          schedule=p.retrain_schedule, warmup=0.0, augment=True, crop_padding=p.retrain_crop_padding,
-                          flip=context.dataset == "cifar10", max_iters_per_epoch=p.retrain_max_iters_per_epoch,
-                          precision=context.preset.train.precision)
-        student = copy.deepcopy(model)
-        stopper = None
-        if p.early_stopping and val_set is not None:
-            stopper = ValidationAccuracyStop(student, val_set, val_cos, p.early_stop_tolerance, context, cfg.precision)
-        result = train(student, train_set.images, train_set.labels, cfg, seed=context.seed, indices=pool,
-                       loss_fn=CGDObjective(roles, teacher_logits, p.alpha, p.temperature, p.beta),
-                       on_epoch_end=stopper, device=context.device, desc="cgd retraining",
-                       optimizer=optimizer_over_all_parameters(student, cfg))
-        context.stage_times["retraining"] = round(time.perf_counter() - t0, 3)
+        with context.stage("retraining"):
+            clean_pool = balance_clean_indices(split.clean, train_set.labels, p.balance, context.seed)
+            roles = torch.full((len(train_set),), ROLE_REST, dtype=torch.long)
+            roles[split.suspect] = ROLE_SUSPECT
+            roles[split.clean] = ROLE_CLEAN
+            # one shuffled pool: balanced clean indices, then every non-clean index once (`cgd.py:552-597`)
+            pool = torch.cat([clean_pool, torch.nonzero(~split.clean).flatten()])
+            cfg = TrainConfig(epochs=p.retrain_epochs, batch_size=p.retrain_batch_size, optimizer="sgd",
+                              lr=p.retrain_lr, momentum=p.retrain_momentum, nesterov=False,
+                              weight_decay=p.retrain_weight_decay, schedule=p.retrain_schedule, warmup=0.0,
+                              augment=True, crop_padding=p.retrain_crop_padding, flip=context.dataset == "cifar10",
+                              max_iters_per_epoch=p.retrain_max_iters_per_epoch,
+                              precision=context.preset.train.precision)
+            student = copy.deepcopy(model)
+            stopper = None
+            if p.early_stopping and val_set is not None:
+                stopper = ValidationAccuracyStop(student, val_set, val_cos, p.early_stop_tolerance, context,
+                                                 cfg.precision)
+            result = train(student, train_set.images, train_set.labels, cfg, seed=context.seed, indices=pool,
+                           loss_fn=CGDObjective(roles, teacher_logits, p.alpha, p.temperature, p.beta),
+                           on_epoch_end=stopper, device=context.device, desc="cgd retraining",
+                           optimizer=optimizer_over_all_parameters(student, cfg))
 
         self.split_ = split
         self.model_ = student.eval()

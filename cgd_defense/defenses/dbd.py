@@ -32,6 +32,7 @@ Where we differ, and why:
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -46,6 +47,8 @@ from ..harness.trainer import TrainConfig, init_from_data_once, make_optimizer, 
 from ..models import Classifier
 from .base import Defense, Split, register_defense
 from .semisup import lowest_fraction, mixmatch_config, split_and_mixmatch, symmetric_cross_entropy
+
+log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------
 # SimCLR (Chen et al., ICML 2020) pieces, as DBD configures them
@@ -221,6 +224,8 @@ def simclr_pretrain(model: Classifier, images: torch.Tensor, *, epochs: float, c
             n_batches += 1
             step += 1
         history.append(loss_sum / max(n_batches, 1))
+        log.info("simclr: epoch %d/%d, loss %.4f", len(history), math.ceil(total_steps / steps_per_epoch),
+                 history[-1])
     model.eval()
     return history
 
@@ -303,21 +308,20 @@ class DBD(Defense):
     def fit(self, model, train_set: ImageData, *, val_set=None, clean_subset=None, context) -> "DBD":
         """Train a fresh model of `model`'s architecture on `train_set` (DBD trains from scratch; the
         backdoored `model` itself is not used)."""
-        from ..harness.pipeline import StageTimer, build_model  # deferred: the pipeline imports this package
+        from ..harness.pipeline import build_model  # deferred: the pipeline imports this package
 
         p = self.params
         images, labels = train_set.images, train_set.labels
         precision = context.preset.train.precision
-        timer = StageTimer()
         torch.manual_seed(context.seed)
         net = build_model(context.preset, context.dataset, len(context.classes))
 
-        with timer("simclr"):
+        with context.stage("simclr"):
             history = pretrain_backbone(net, images, p, preset=context.preset, seed=context.seed,
                                         cache=context.cache, device=context.device)
         # One Adam over the whole model for warm-up and MixMatch, as the authors' single optimizer.
         optimizer = make_optimizer(net, TrainConfig(optimizer="adam", lr=p.lr, weight_decay=0.0))
-        with timer("linear_warmup"):
+        with context.stage("linear_warmup"):
             warm_up_head(net, images, labels, p, optimizer, preset=context.preset, seed=context.seed,
                          device=context.device)
 
@@ -325,11 +329,10 @@ class DBD(Defense):
             net, images, labels, optimizer, mixmatch_config(p, context.preset.train), epochs=p.semi_epochs,
             choose_pool=lambda epoch, losses: (lowest_fraction(losses, p.epsilon), losses, {}),
             sce_alpha=p.sce_alpha, sce_beta=p.sce_beta, num_classes=len(context.classes), seed=context.seed,
-            timer=timer, report=context.report_poison_rate,
+            stage=context.stage, report=context.report_poison_rate,
             first_epoch=math.ceil(p.warmup_epochs) if p.rampup_counts_warmup else 0,
             val=(val_set.images, val_set.labels) if val_set is not None else None,
             device=context.device, precision=precision)
-        context.stage_times.update(timer.times)
 
         self.model_ = net.eval()
         self.split_ = Split(clean=credible, suspect=~credible, scores={"sce_loss": losses},

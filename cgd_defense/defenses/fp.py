@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 
 import torch
 import torch.nn as nn
@@ -121,35 +120,32 @@ class FinePruning(Defense):
         if clean_subset is not None:
             raise CGDError("defense 'fp' takes its clean data from clean_source (oracle | cgd | random), "
                            "not from clean_subset")
-        t0 = time.perf_counter()
-        clean = resolve_clean_data(p, train_set, context, self.name, val_set=val_set)
-        context.stage_times["clean_data"] = round(time.perf_counter() - t0, 3)
+        with context.stage("clean_data"):
+            clean = resolve_clean_data(p, train_set, context, self.name, val_set=val_set)
 
-        t0 = time.perf_counter()
-        model = copy.deepcopy(model)
-        rank_pos, score_pos = stratified_holdout(clean.data.labels, p.holdout, context.seed)
-        if len(score_pos) == 0 or len(rank_pos) == 0:
-            raise CGDError(f"defense 'fp': {len(clean)} clean samples are too few to hold out {p.holdout:.0%} "
-                           f"for scoring the pruning; raise fraction or holdout")
-        precision = context.preset.train.precision
-        activation, features = last_stage_statistics(model, clean.data.images, device=context.device,
-                                                     precision=precision)
-        order = torch.argsort(activation[rank_pos].mean(0))
-        keep, trace = choose_pruned_channels(features[score_pos], clean.data.labels[score_pos], model.classifier,
-                                             order, step=p.prune_step, tolerance=p.acc_tolerance)
-        apply_channel_mask(model, keep)
-        context.stage_times["prune"] = round(time.perf_counter() - t0, 3)
+        with context.stage("prune"):
+            model = copy.deepcopy(model)
+            rank_pos, score_pos = stratified_holdout(clean.data.labels, p.holdout, context.seed)
+            if len(score_pos) == 0 or len(rank_pos) == 0:
+                raise CGDError(f"defense 'fp': {len(clean)} clean samples are too few to hold out {p.holdout:.0%} "
+                               f"for scoring the pruning; raise fraction or holdout")
+            precision = context.preset.train.precision
+            activation, features = last_stage_statistics(model, clean.data.images, device=context.device,
+                                                         precision=precision)
+            order = torch.argsort(activation[rank_pos].mean(0))
+            keep, trace = choose_pruned_channels(features[score_pos], clean.data.labels[score_pos], model.classifier,
+                                                 order, step=p.prune_step, tolerance=p.acc_tolerance)
+            apply_channel_mask(model, keep)
 
-        t0 = time.perf_counter()
-        cfg = clean.train_config(context.preset.train, epochs=p.epochs, lr=p.lr, batch_size=p.batch_size)
-        weight = model.classifier.weight
-        hook = weight.register_hook(lambda grad: grad * keep.to(grad.device, grad.dtype))
-        try:
-            train(model, clean.data.images, clean.data.labels, cfg, seed=context.seed, device=context.device,
-                  desc="fp fine-tune")
-        finally:
-            hook.remove()
-        context.stage_times["finetune"] = round(time.perf_counter() - t0, 3)
+        with context.stage("finetune"):
+            cfg = clean.train_config(context.preset.train, epochs=p.epochs, lr=p.lr, batch_size=p.batch_size)
+            weight = model.classifier.weight
+            hook = weight.register_hook(lambda grad: grad * keep.to(grad.device, grad.dtype))
+            try:
+                train(model, clean.data.images, clean.data.labels, cfg, seed=context.seed, device=context.device,
+                      desc="fp fine-tune")
+            finally:
+                hook.remove()
 
         n_pruned = int((~keep).sum())
         self.model_ = model.eval()

@@ -23,7 +23,6 @@ their first batch), and a round is a pass over a reference-sized clean set (see 
 from __future__ import annotations
 
 import copy
-import time
 
 import torch
 import torch.nn as nn
@@ -106,36 +105,34 @@ class IBAU(Defense):
         if clean_subset is not None:
             raise CGDError("defense 'ibau' takes its clean data from clean_source (oracle | cgd | random), "
                            "not from clean_subset")
-        t0 = time.perf_counter()
-        clean = resolve_clean_data(p, train_set, context, self.name, val_set=val_set)
-        context.stage_times["clean_data"] = round(time.perf_counter() - t0, 3)
+        with context.stage("clean_data"):
+            clean = resolve_clean_data(p, train_set, context, self.name, val_set=val_set)
 
-        t0 = time.perf_counter()
-        device = resolve_device(context.device)
-        bf16 = use_bf16(context.preset.train.precision, device)
-        model: Classifier = copy.deepcopy(model).to(device).eval()
-        net, params = model.net, [q for q in model.net.parameters() if q.requires_grad]
-        optimizer = torch.optim.Adam(params, lr=p.lr)
-        g = torch.Generator().manual_seed(context.seed)
-        images, labels = clean.data.images, clean.data.labels
-        n_batches = clean.steps(1, p.batch_size)
-        delta_norms = []
-        for _ in range(p.rounds):
-            batches = _round_batches(len(labels), n_batches, p.batch_size, g)
-            inputs = [model.normalize(images[b].to(device)) for b in batches]
-            delta = worst_perturbation(net, inputs, bf16=bf16, device=device)
-            delta_norms.append(float(delta.norm()))
-            for x, b in zip(inputs, batches):
-                rows = torch.zeros(len(b), 1, 1, 1, device=device)
-                n_rows = max(1, round(p.perturbed_fraction * len(b)))
-                rows[torch.randperm(len(b), generator=g)[:n_rows]] = 1
-                grads = implicit_hypergradient(net, params, x, labels[b].to(device), delta, rows,
-                                               iterations=p.fixed_point_iters, bf16=bf16, device=device)
-                for q, grad in zip(params, grads):
-                    q.grad = grad
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        context.stage_times["unlearn"] = round(time.perf_counter() - t0, 3)
+        with context.stage("unlearn"):
+            device = resolve_device(context.device)
+            bf16 = use_bf16(context.preset.train.precision, device)
+            model: Classifier = copy.deepcopy(model).to(device).eval()
+            net, params = model.net, [q for q in model.net.parameters() if q.requires_grad]
+            optimizer = torch.optim.Adam(params, lr=p.lr)
+            g = torch.Generator().manual_seed(context.seed)
+            images, labels = clean.data.images, clean.data.labels
+            n_batches = clean.steps(1, p.batch_size)
+            delta_norms = []
+            for _ in range(p.rounds):
+                batches = _round_batches(len(labels), n_batches, p.batch_size, g)
+                inputs = [model.normalize(images[b].to(device)) for b in batches]
+                delta = worst_perturbation(net, inputs, bf16=bf16, device=device)
+                delta_norms.append(float(delta.norm()))
+                for x, b in zip(inputs, batches):
+                    rows = torch.zeros(len(b), 1, 1, 1, device=device)
+                    n_rows = max(1, round(p.perturbed_fraction * len(b)))
+                    rows[torch.randperm(len(b), generator=g)[:n_rows]] = 1
+                    grads = implicit_hypergradient(net, params, x, labels[b].to(device), delta, rows,
+                                                   iterations=p.fixed_point_iters, bf16=bf16, device=device)
+                    for q, grad in zip(params, grads):
+                        q.grad = grad
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
 
         self.model_ = model.eval()
         self.info_ = {**clean.info, "outer_steps": p.rounds * n_batches, "delta_l2_per_round": delta_norms}

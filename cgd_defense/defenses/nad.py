@@ -14,7 +14,6 @@ groups), p = 2, a 10-epoch teacher, lr 0.01. Schedules count passes over a refer
 from __future__ import annotations
 
 import copy
-import time
 
 import torch
 import torch.nn.functional as F
@@ -75,41 +74,39 @@ class NAD(Defense):
         if len(p.betas) > len(model.stages):
             raise ConfigError(f"defense 'nad': betas must hold at most {len(model.stages)} weights (one per stage of "
                               f"{type(model.net).__name__}, counted from the last). Got {p.betas} instead")
-        t0 = time.perf_counter()
-        clean = resolve_clean_data(p, train_set, context, self.name, val_set=val_set)
-        context.stage_times["clean_data"] = round(time.perf_counter() - t0, 3)
+        with context.stage("clean_data"):
+            clean = resolve_clean_data(p, train_set, context, self.name, val_set=val_set)
         device = resolve_device(context.device)
         bf16 = use_bf16(context.preset.train.precision, device)
 
-        t0 = time.perf_counter()
-        teacher = copy.deepcopy(model)
-        teacher_cfg = clean.train_config(context.preset.train, epochs=p.teacher_epochs, lr=p.lr, batch_size=p.batch_size)
-        train(teacher, clean.data.images, clean.data.labels, teacher_cfg, seed=context.seed, device=device,
-              desc="nad teacher")
-        context.stage_times["teacher"] = round(time.perf_counter() - t0, 3)
+        with context.stage("teacher"):
+            teacher = copy.deepcopy(model)
+            teacher_cfg = clean.train_config(context.preset.train, epochs=p.teacher_epochs, lr=p.lr,
+                                             batch_size=p.batch_size)
+            train(teacher, clean.data.images, clean.data.labels, teacher_cfg, seed=context.seed, device=device,
+                  desc="nad teacher")
 
-        t0 = time.perf_counter()
-        student = copy.deepcopy(model)
-        n = len(p.betas)
-        student_rec, teacher_rec = StageRecorder(student.stages[-n:]), StageRecorder(teacher.stages[-n:])
-        cfg = clean.train_config(context.preset.train, epochs=p.epochs, lr=p.lr, batch_size=p.batch_size)
+        with context.stage("distil"):
+            student = copy.deepcopy(model)
+            n = len(p.betas)
+            student_rec, teacher_rec = StageRecorder(student.stages[-n:]), StageRecorder(teacher.stages[-n:])
+            cfg = clean.train_config(context.preset.train, epochs=p.epochs, lr=p.lr, batch_size=p.batch_size)
 
-        def loss_fn(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-            with torch.no_grad(), autocast(bf16, device):
-                teacher(batch.x)
-            loss = F.cross_entropy(logits, batch.y, label_smoothing=cfg.label_smoothing)
-            for beta, s_act, t_act in zip(p.betas, student_rec.outputs, teacher_rec.outputs):
-                loss = loss + beta * attention_loss(s_act, t_act.detach(), p.p)
-            return loss
+            def loss_fn(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+                with torch.no_grad(), autocast(bf16, device):
+                    teacher(batch.x)
+                loss = F.cross_entropy(logits, batch.y, label_smoothing=cfg.label_smoothing)
+                for beta, s_act, t_act in zip(p.betas, student_rec.outputs, teacher_rec.outputs):
+                    loss = loss + beta * attention_loss(s_act, t_act.detach(), p.p)
+                return loss
 
-        teacher.eval()
-        try:
-            train(student, clean.data.images, clean.data.labels, cfg, seed=context.seed + 1, device=device,
-                  loss_fn=loss_fn, desc="nad distil")
-        finally:
-            student_rec.remove()
-            teacher_rec.remove()
-        context.stage_times["distil"] = round(time.perf_counter() - t0, 3)
+            teacher.eval()
+            try:
+                train(student, clean.data.images, clean.data.labels, cfg, seed=context.seed + 1, device=device,
+                      loss_fn=loss_fn, desc="nad distil")
+            finally:
+                student_rec.remove()
+                teacher_rec.remove()
 
         self.model_ = student.eval()
         self.info_ = {**clean.info, "teacher_steps": clean.steps(p.teacher_epochs, p.batch_size),

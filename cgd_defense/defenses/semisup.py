@@ -14,6 +14,7 @@ loop reuses the trainer's pieces (optimizer, batched augmentation, precision pol
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable
 
@@ -25,6 +26,8 @@ import torch.nn.functional as F
 from ..harness.augment import random_crop_flip
 from ..harness.precision import autocast, resolve_device, use_bf16
 from ..harness.trainer import init_from_data_once, predict
+
+log = logging.getLogger(__name__)
 
 
 def symmetric_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, alpha: float = 0.1,
@@ -187,13 +190,14 @@ def per_sample_sce(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
 def split_and_mixmatch(net: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                        optimizer: torch.optim.Optimizer, cfg: MixMatchConfig, *, epochs: int,
                        choose_pool: Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict]],
-                       sce_alpha: float, sce_beta: float, num_classes: int, seed: int, timer,
+                       sce_alpha: float, sce_beta: float, num_classes: int, seed: int, stage,
                        report: Callable[[torch.Tensor], float] | None = None, first_epoch: int = 0,
                        val: tuple[torch.Tensor, torch.Tensor] | None = None, device=None,
                        precision: str = "auto") -> tuple[list[dict], torch.Tensor, torch.Tensor]:
     """The loop DBD and ASD share. Each epoch: every sample's SCE loss under the current model,
     `choose_pool(epoch, losses) -> (labelled-pool mask, the score it ranked by, trace fields)`, then
-    one MixMatch epoch with the pool labelled and the rest unlabelled. `first_epoch` offsets the
+    one MixMatch epoch with the pool labelled and the rest unlabelled; `stage(name)` times both (a
+    `DefenseContext.stage`). `first_epoch` offsets the
     lambda_u ramp-up (DBD counts its warm-up epochs in it). `report(indices)` gives the poison rate of
     a pool from the ground truth, for result.json only. With `val` (images, given labels of the
     validation split), each epoch also records the model's accuracy there, `val_acc`: a learning
@@ -204,12 +208,12 @@ def split_and_mixmatch(net: nn.Module, images: torch.Tensor, labels: torch.Tenso
     trace: list[dict] = []
     pool = score = None
     for epoch in range(epochs):
-        with timer("split"):
+        with stage("split"):
             losses = per_sample_sce(net, images, labels, alpha=sce_alpha, beta=sce_beta, device=device,
                                     precision=precision)
             pool, score, fields = choose_pool(epoch, losses)
         labelled, unlabelled = torch.nonzero(pool).flatten(), torch.nonzero(~pool).flatten()
-        with timer("mixmatch"):
+        with stage("mixmatch"):
             stats = mixmatch_epoch(net, images, labels, labelled, unlabelled, optimizer, cfg,
                                    epoch=first_epoch + epoch, num_classes=num_classes, generator=gen, rng=rng,
                                    device=device)
@@ -218,4 +222,7 @@ def split_and_mixmatch(net: nn.Module, images: torch.Tensor, labels: torch.Tenso
             stats["val_acc"] = float((val_logits.argmax(1) == val[1]).float().mean())
         trace.append({"epoch": epoch + 1, **fields, "pool": len(labelled),
                       "pool_poison_rate": report(labelled) if report is not None else None, **stats})
+        log.info("MixMatch epoch %d/%d: %d labelled, %s", epoch + 1, epochs, len(labelled),
+                 ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in trace[-1].items()
+                           if k not in ("epoch", "pool") and v is not None))
     return trace, pool, score

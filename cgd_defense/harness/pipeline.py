@@ -14,7 +14,6 @@ import os
 import shutil
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from .metrics import (attack_success_rate, clean_accuracy, defense_effectiveness
                       split_metrics)
 from .presets import Preset, get_preset
 from .provenance import git_commit, machine, package_versions
+from .stages import RUN_LOG, StageTimer, run_log
 from .trainer import predict, train
 
 log = logging.getLogger(__name__)
@@ -91,19 +91,6 @@ class RunData:
     train_indices: torch.Tensor | None = None
     val_indices: torch.Tensor | None = None
     test_indices: torch.Tensor | None = None
-
-
-class StageTimer:
-    def __init__(self):
-        self.times: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, name: str):
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.times[name] = round(self.times.get(name, 0.0) + time.perf_counter() - t0, 3)
 
 
 def _limit(data: ImageData, n: int | None, seed: int) -> tuple[ImageData, torch.Tensor]:
@@ -320,11 +307,13 @@ def run(cfg: RunConfig, out_dir: str | os.PathLike | None = None) -> dict:
     staging = Path(tempfile.mkdtemp(prefix="cgd-run-"))  # moved into out_dir only when the run succeeded
     try:
         t_total = time.perf_counter()
-        with timer("data"):
-            data = prepare_data(cfg, preset, attack, cache)
-        with timer("backdoor_training"):
-            model, backdoor_key = backdoored_model(cfg, preset, data, cache)
-        fields, _ = defend_and_evaluate(cfg, data, model, backdoor_key, cache, staging, timer)
+        with run_log(staging / RUN_LOG):
+            log.info("run: %s/%s/%s, preset %s, seed %d", cfg.dataset, cfg.attack, cfg.defense, cfg.preset, cfg.seed)
+            with timer("data"):
+                data = prepare_data(cfg, preset, attack, cache)
+            with timer("backdoor_training"):
+                model, backdoor_key = backdoored_model(cfg, preset, data, cache)
+            fields, _ = defend_and_evaluate(cfg, data, model, backdoor_key, cache, staging, timer)
         result: dict[str, Any] = {
             **fields,
             "attack": attack.name, "attack_family": attack.family, "dataset": cfg.dataset, "preset": cfg.preset,

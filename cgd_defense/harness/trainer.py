@@ -13,6 +13,7 @@ fine-tuning) calls `train`, so speed work, seeding and precision policy live in 
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from tqdm.auto import tqdm
 from ..config import StrictModel
 from .augment import random_crop_flip
 from .precision import autocast, keep_freed_memory, resolve_device, use_bf16
+
+log = logging.getLogger(__name__)
 
 
 class TrainConfig(StrictModel):
@@ -220,6 +223,8 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
             sample_losses[epoch] = epoch_losses.cpu()
         result.history.append({"epoch": epoch + 1, "loss": float(loss_sum) / max(seen, 1),
                                "train_acc": int(correct) / max(seen, 1)})
+        log.info("%s: epoch %d/%d, loss %.4f, train acc %.3f", desc, epoch + 1, n_epochs,
+                 result.history[-1]["loss"], result.history[-1]["train_acc"])
         result.epochs_run = epoch + 1
         result.steps = step
         if on_epoch_end is not None and on_epoch_end(epoch + 1, model):

@@ -9,6 +9,7 @@ pointing `CGD_CACHE_DIR` at a shared filesystem lets nodes share poisoned sets a
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from ..errors import CGDError
@@ -39,7 +40,9 @@ class RayBackend:
         self._threads = max(1, int(cpus_per_job))
         self._submitted: list = []
 
-    def submit(self, job: Job, run_config: dict) -> Any:
+    def submit(self, job: Job, run_config: dict, live_log: Path) -> Any:
+        # No live log: a worker on another node cannot write the driver's run folder. The job's
+        # run.log comes back with its other run-folder files when it finishes.
         ref = self._task.remote(run_config, self._threads)
         self._submitted.append(ref)
         return ref

@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import multiprocessing
@@ -35,6 +36,7 @@ from typing import Any, Callable, Protocol
 from ..harness.cache import atomic_write_bytes
 from ..harness.precision import keep_freed_memory
 from ..harness.provenance import machine
+from ..harness.stages import RUN_LOG
 from ..harness.trainer import progress_enabled
 from .db import ResultsDB
 from .grid import GridError, GridPlan, Job
@@ -43,13 +45,16 @@ RUN_FILE_LIMIT = 32 << 20  # bytes of run-folder files (figures) a worker sends 
 FAILURES_LISTED = 20
 
 
-def execute_job(run_config: dict, torch_threads: int | None = None) -> dict:
+def execute_job(run_config: dict, torch_threads: int | None = None, live_log: str | None = None) -> dict:
     """Run one job in this (worker) process and return its outcome as plain data: the result
     dict, the run folder's files as bytes, and this process's peak memory. Never raises for a
-    failing job: the error and its traceback are part of the outcome."""
+    failing job: the error and its traceback are part of the outcome. `live_log`: a file this
+    process writes the job's log to as it runs (the run folder's `run.log`, on the driver's machine),
+    so a long job can be followed and a failed one keeps its log."""
     import torch
 
     from ..harness.pipeline import RunConfig, run
+    from ..harness.stages import run_log
 
     os.environ["CGD_PROGRESS"] = "0"  # the grid's bar is the one progress bar
     keep_freed_memory()
@@ -57,7 +62,8 @@ def execute_job(run_config: dict, torch_threads: int | None = None) -> dict:
         torch.set_num_threads(torch_threads)
     outcome: dict[str, Any] = {"host": describe_host(machine()), "files": {}}
     try:
-        with tempfile.TemporaryDirectory(prefix="cgd-job-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="cgd-job-") as tmp, \
+                (run_log(live_log) if live_log else contextlib.nullcontext()):
             outcome["result"] = run(RunConfig(**run_config), tmp)
             for path in sorted(Path(tmp).iterdir()):
                 if path.is_file() and path.name != "result.json" and path.stat().st_size <= RUN_FILE_LIMIT:
@@ -85,7 +91,9 @@ def describe_host(machine_info: dict) -> str:
 class Backend(Protocol):
     capacity: int  # jobs in flight at once
 
-    def submit(self, job: Job, run_config: dict) -> Any: ...
+    def submit(self, job: Job, run_config: dict, live_log: Path) -> Any:
+        """Start the job; a backend whose workers share the driver's filesystem writes the job's log
+        to `live_log` as it runs."""
 
     def wait(self, handles: list) -> list[tuple[Any, dict]]:
         """Block until at least one handle finished; return (handle, outcome) for each finished one."""
@@ -134,8 +142,8 @@ class LocalBackend:
         return ProcessPoolExecutor(max_workers=self.capacity, mp_context=self._ctx, max_tasks_per_child=1,
                                    initializer=_init_local_worker, initargs=(os.getpid(),))
 
-    def submit(self, job: Job, run_config: dict) -> Future:
-        return self._pool.submit(execute_job, run_config, self.threads)
+    def submit(self, job: Job, run_config: dict, live_log: Path) -> Future:
+        return self._pool.submit(execute_job, run_config, self.threads, str(live_log))
 
     def wait(self, handles: list) -> list[tuple[Any, dict]]:
         done, _ = wait_futures(handles, return_when=FIRST_COMPLETED)
@@ -198,10 +206,28 @@ class GridRunSummary:
         return out
 
 
-def _run_dir_name(job: Job) -> str:
+def runs_root_of(db: ResultsDB, runs_dir: str | os.PathLike | None = None) -> Path:
+    """The folder of run folders: `runs_dir`, or runs/ beside the database."""
+    return Path(runs_dir).expanduser() if runs_dir else db.path.parent / "runs"
+
+
+def job_run_dir(runs_root: Path, grid: str, job: Job) -> Path:
+    """A job's run folder: result.json, run.log and any figures."""
     parts = [job.dataset, job.attack_label, job.defense_label] + ([job.clip] if job.clip else []) + \
             [f"s{job.seed}", job.key[:10]]
-    return re.sub(r"[^A-Za-z0-9_.=,+-]+", "-", "__".join(parts))
+    return runs_root / grid / re.sub(r"[^A-Za-z0-9_.=,+-]+", "-", "__".join(parts))
+
+
+def last_log_line(run_dir: Path) -> str | None:
+    """The newest line of a job's run.log (where a running job is), if it has one."""
+    try:
+        with open(run_dir / RUN_LOG, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 4096))
+            lines = f.read().decode("utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    return lines[-1] if lines else None
 
 
 def _write_run_dir(run_dir: Path, outcome: dict) -> None:
@@ -253,7 +279,7 @@ def run_grid(plan: GridPlan, db: ResultsDB, *, backend: str = "local", workers: 
     if plan.unregistered_names and not skip_unregistered:
         raise unregistered_error(plan)
     grid = plan.spec.name
-    runs_root = Path(runs_dir).expanduser() if runs_dir else db.path.parent / "runs"
+    runs_root = runs_root_of(db, runs_dir)
     db.register(grid, plan.jobs)
     status = db.statuses(j.key for j in plan.jobs)
     summary = GridRunSummary(grid=grid, total=len(plan.jobs), already_done=0)
@@ -308,12 +334,13 @@ def run_grid(plan: GridPlan, db: ResultsDB, *, backend: str = "local", workers: 
             while len(in_flight) < executor.capacity and (job := scheduler.next()) is not None:
                 db.mark_running(job.key)
                 cfg = job.run_config(data_root=data_root, cache_dir=cache_dir, device=device)
-                in_flight[executor.submit(job, cfg.model_dump(mode="json"))] = job
+                live_log = job_run_dir(runs_root, grid, job) / RUN_LOG
+                in_flight[executor.submit(job, cfg.model_dump(mode="json"), live_log)] = job
                 bar.set_postfix_str(job.describe(), refresh=True)
             for handle, outcome in executor.wait(list(in_flight)):
                 job = in_flight.pop(handle)
                 scheduler.finished(job)
-                _record(db, job, outcome, runs_root / grid, summary, bar.write)
+                _record(db, job, outcome, job_run_dir(runs_root, grid, job), summary, bar.write)
                 bar.update(1)
         aborted = False
     except BaseException:
@@ -326,11 +353,10 @@ def run_grid(plan: GridPlan, db: ResultsDB, *, backend: str = "local", workers: 
     return summary
 
 
-def _record(db: ResultsDB, job: Job, outcome: dict, runs_root: Path, summary: GridRunSummary,
+def _record(db: ResultsDB, job: Job, outcome: dict, run_dir: Path, summary: GridRunSummary,
             note: Callable[[str], None]) -> None:
     summary.ran += 1
     if outcome.get("ok"):
-        run_dir = runs_root / _run_dir_name(job)
         _write_run_dir(run_dir, outcome)
         db.record_result(job.key, outcome["result"], peak_rss_mb=outcome.get("peak_rss_mb"),
                          peak_gpu_mb=outcome.get("peak_gpu_mb"), cpu_s=outcome.get("cpu_s"), host=outcome.get("host"),
