@@ -86,7 +86,7 @@ def test_stages_are_timed_summed_when_they_recur_and_logged_to_the_run_log(tmp_p
     path = tmp_path / "job" / "run.log"
     path.parent.mkdir()
     path.write_text("a line of an earlier attempt\n")
-    with run_log(path, prefix="[job 1%] "):
+    with run_log(path):
         for _ in range(2):
             with timed_stage(times, "split", label="defense.split"):
                 pass
@@ -95,8 +95,7 @@ def test_stages_are_timed_summed_when_they_recur_and_logged_to_the_run_log(tmp_p
     logging.getLogger("cgd_defense.stages").info("after the block")
     messages = [line.split(" ", 2)[2] for line in path.read_text().splitlines()]  # after the date and time
     assert [m.rsplit(" ", 2)[0] if " in " in m or " after " in m else m for m in messages] == [
-        "[job 1%] defense.split: started", "[job 1%] defense.split: done in",
-        "[job 1%] defense.split: started", "[job 1%] defense.split: done in",
-        "[job 1%] evaluate: started", "[job 1%] evaluate: failed after"]
+        "defense.split: started", "defense.split: done in", "defense.split: started", "defense.split: done in",
+        "evaluate: started", "evaluate: failed after"]
     assert set(times) == {"split", "evaluate"} and all(t >= 0 for t in times.values())
     assert logging.getLogger("cgd_defense").level == logging.NOTSET  # the package logger is as it was

@@ -134,6 +134,18 @@ def test_zero_shot_logits_match_a_direct_forward(tiny_clip, tiny_payload):
     assert tiny_clip.source["label"] == "stand-in CLIP"
 
 
+def test_bf16_scoring_tower_folds_batchnorm_and_agrees_with_fp32(tiny_clip):
+    images = _images(16)
+    fp32 = tiny_clip.encode_images(images)
+    tiny_clip.precision, tiny_clip.channels_last = "bf16", True
+    bf16 = tiny_clip.encode_images(images)
+    tower = tiny_clip._image_tower()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in tower.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in tiny_clip.model.visual.modules())  # the model is untouched
+    assert tiny_clip.preprocess_cfg()["conv_batchnorm_folded"]
+    assert F.cosine_similarity(fp32, bf16, dim=1).min() > 0.99
+
+
 def test_zero_shot_logits_match_open_clip_reference_pipeline(tmp_path):
     """A random tiny open_clip ViT scored through our batched preprocessing equals the CGD reference's
     pipeline: torchvision Resize/CenterCrop/Normalize from open_clip's own transform, per image."""

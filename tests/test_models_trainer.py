@@ -1,9 +1,12 @@
+import copy
+
 import pytest
 import torch
 
 from cgd_defense.harness.augment import random_crop_flip
 from cgd_defense.harness.trainer import TrainConfig, _lookahead, _lr_lambda, make_optimizer, predict, train
 from cgd_defense.models import Classifier, create_model, list_models
+from cgd_defense.models.fusion import fold_conv_batchnorm
 from cgd_defense.errors import ConfigError
 
 
@@ -21,6 +24,29 @@ def test_preactresnet18_state_dict_matches_backdoorbench_layout():
     assert len(keys) == 102
     assert keys[0] == "conv1.weight" and keys[1] == "layer1.0.bn1.weight" and keys[-2:] == ["linear.weight", "linear.bias"]
     assert [k for k in keys if "shortcut" in k] == [f"layer{i}.0.shortcut.0.weight" for i in (2, 3, 4)]
+
+
+@pytest.mark.parametrize("name", ["fastnet", "fastnet_whitened"])
+def test_folding_batchnorm_into_convolutions_keeps_the_function(name):
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=5)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for norm in norms:  # running statistics and affine terms far from the identity they start at
+        norm.running_mean.normal_()
+        norm.running_var.uniform_(0.2, 3.0)
+        if norm.weight.requires_grad:
+            norm.weight.data.uniform_(0.5, 2.0)
+        norm.bias.data.normal_()
+    x = torch.randn(4, 3, 32, 32)
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_conv_batchnorm(model)
+    model.eval()
+    expected = model(x)
+    folded = fold_conv_batchnorm(copy.deepcopy(model))
+    torch.testing.assert_close(folded(x), expected, atol=1e-4, rtol=1e-4)
+    left = sum(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    # FastNet's conv -> BN pairs all sit in Sequentials; the whitened net pools between conv and BN.
+    assert left == (0 if name == "fastnet" else len(norms))
 
 
 def test_unknown_model_lists_known():

@@ -47,14 +47,13 @@ class StageTimer:
 
 
 @contextmanager
-def run_log(path: str | Path, prefix: str = ""):
+def run_log(path: str | Path):
     """Write the package's INFO-and-above log lines to `path` (a new file) while the block runs, each
-    line starting with a timestamp and `prefix`; the package logger's level is restored afterwards."""
+    line starting with a timestamp; the package logger's level is restored afterwards."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, mode="w", encoding="utf-8")
-    escaped = prefix.replace("%", "%%")  # the prefix is text, not a format field
-    handler.setFormatter(logging.Formatter(f"%(asctime)s {escaped}%(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
     handler.setLevel(logging.INFO)
     logger = logging.getLogger(PACKAGE_LOGGER)
     previous_level = logger.level
