@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 import yaml
 
+from .config import CACHE_DIR_HELP
 from .errors import CGDError, ConfigError
 
 
@@ -60,7 +61,7 @@ def cli():
 @click.option("--attack-file", "attack_files", multiple=True, type=click.Path(),
               help="register a user attack YAML file or folder (repeatable)")
 @click.option("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
-@click.option("--cache-dir", type=click.Path(), default=None, help="cache folder; default: $CGD_CACHE_DIR or ~/.cache/cgd-bench")
+@click.option("--cache-dir", type=click.Path(), default=None, help=CACHE_DIR_HELP)
 @click.option("--out", "out_dir", type=click.Path(), default=None, help="run folder for result.json")
 @click.option("--print-config", is_flag=True, help="print the fully resolved config and exit")
 def run(attack, defense, dataset, data_root, download, preset, seed, clip, defense_opts, attack_opts, attack_files,
@@ -150,7 +151,7 @@ def attacks_validate(files):
 @click.option("--per-class", default=2, show_default=True, type=click.IntRange(1, 20), help="images of each class in the grid")
 @click.option("--attack-opt", "attack_opts", multiple=True, metavar="KEY=VALUE", help="attack override (repeatable)")
 @click.option("--attack-file", "attack_files", multiple=True, type=click.Path())
-@click.option("--cache-dir", type=click.Path(), default=None)
+@click.option("--cache-dir", type=click.Path(), default=None, help=CACHE_DIR_HELP)
 @click.option("--preset", default="smoke", show_default=True,
               help="sizes the fit of learned triggers (lc, inputaware, lf, ssba, trojannn, narcissus); cached")
 def attacks_preview(name, out_dir, dataset, data_root, per_class, attack_opts, attack_files, cache_dir, preset):
@@ -233,7 +234,7 @@ def cgd_map(run_dir, out_file):
 @click.option("--attack-opt", "attack_opts", multiple=True, metavar="KEY=VALUE", help="attack override (repeatable)")
 @click.option("--attack-file", "attack_files", multiple=True, type=click.Path())
 @click.option("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
-@click.option("--cache-dir", type=click.Path(), default=None, help="cache folder; default: $CGD_CACHE_DIR or ~/.cache/cgd-bench")
+@click.option("--cache-dir", type=click.Path(), default=None, help=CACHE_DIR_HELP)
 @click.option("--out", "out_file", type=click.Path(), required=True,
               help="split file: .json (plain lists) or .pt (torch); indices + scores + info")
 def cgd_split(attack, dataset, data_root, preset, seed, clip, defense_opts, attack_opts, attack_files, device,
@@ -308,7 +309,7 @@ def grid_show(grid_name, db_path, runs_dir):
 @click.option("--retry-failed", is_flag=True, help="run again the jobs recorded as failed")
 @click.option("--skip-unregistered", is_flag=True, help="record jobs naming unregistered attacks/defenses as skipped")
 @click.option("--data-root", type=click.Path(), default=None, help="dataset folder; default: $CGD_DATA_ROOT")
-@click.option("--cache-dir", type=click.Path(), default=None, help="cache folder; default: $CGD_CACHE_DIR or ~/.cache/cgd-bench")
+@click.option("--cache-dir", type=click.Path(), default=None, help=CACHE_DIR_HELP)
 @click.option("--runs-dir", type=click.Path(), default=None, help="run folders; default: runs/ beside the database")
 @click.option("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
 @click.option("--address", default=None, help="ray: cluster address (e.g. auto); default: start a local instance")
@@ -393,7 +394,7 @@ _record_options = [
                  help="clean dataset folder; default: the record's data_path under its checkout, else $CGD_DATA_ROOT"),
     click.option("--trust-record", is_flag=True,
                  help="unpickle the record without the allow-list (runs any code it holds: trusted records only)"),
-    click.option("--cache-dir", type=click.Path(), default=None, help="cache folder"),
+    click.option("--cache-dir", type=click.Path(), default=None, help=CACHE_DIR_HELP),
 ]
 _defense_options = [
     click.option("--defense-opt", "defense_opts", multiple=True, metavar="KEY=VALUE", help="defense parameter (repeatable)"),
@@ -531,7 +532,7 @@ def clip():
 @click.option("--out", "out_file", type=click.Path(), default=None,
               help="also write the checkpoint here; load it with --clip cgd-standin:FILE")
 @click.option("--device", default=None)
-@click.option("--cache-dir", type=click.Path(), default=None)
+@click.option("--cache-dir", type=click.Path(), default=None, help=CACHE_DIR_HELP)
 def clip_train(name, data_root, extra_data, out_file, device, cache_dir):
     """Train a stand-in CLIP (standin:DATASET[:weak-N|:backdoored-ATTACK]), or reuse the cached one."""
     from .clip.factory import parse_clip_spec
@@ -560,7 +561,7 @@ def clip_train(name, data_root, extra_data, out_file, device, cache_dir):
 @click.option("--attack", default=None, help="also report the zero-shot ASR of this attack's triggered test images")
 @click.option("--extra-data", type=click.Path(), default=None, help="as given to `clip train`")
 @click.option("--device", default=None)
-@click.option("--cache-dir", type=click.Path(), default=None)
+@click.option("--cache-dir", type=click.Path(), default=None, help=CACHE_DIR_HELP)
 @click.option("--json", "as_json", is_flag=True, help="print the metrics as JSON")
 def clip_eval(name, dataset, data_root, templates, attack, extra_data, device, cache_dir, as_json):
     """Zero-shot accuracy, per-class accuracy and ECE on the test set (and ASR for a backdoored CLIP)."""

@@ -84,7 +84,11 @@ def unknown_name_error(kind: str, name: str, known: Iterable[str], hint: str = "
     return ConfigError(f"unknown {kind} '{name}'.{suggestion} Known: {', '.join(known)}.{extra}")
 
 
+CACHE_DIR_HELP = "cache folder; default: $CGD_CACHE_DIR, else $XDG_CACHE_HOME/cgd-bench, else ~/.cache/cgd-bench"
+
+
 def default_cache_dir() -> Path:
+    """The cache folder when none is given: see CACHE_DIR_HELP."""
     env = os.environ.get("CGD_CACHE_DIR")
     if env:
         return Path(env).expanduser()

@@ -125,7 +125,9 @@ def _set_dotted(data: dict, key: str, value: Any, where: str) -> None:
 
 def create_attack(name: str, **overrides) -> AttackSpec:
     """The registered attack with overrides given as dotted keys, e.g. `poisoning.ratio=0.05`
-    (keys with None values are ignored, so unset CLI options never clobber the file)."""
+    (keys with None values are ignored, so unset CLI options never clobber the file). A relative
+    image path given as an override is relative to the current directory, as on a command line;
+    the file's own paths are already absolute."""
     spec = get_attack(name)
     overrides = {k.replace("__", "."): v for k, v in overrides.items() if v is not None}
     if not overrides:
@@ -136,7 +138,7 @@ def create_attack(name: str, **overrides) -> AttackSpec:
         _set_dotted(data, key, value, f"attack '{name}'")
     from .attacks.spec import parse_attack
 
-    return parse_attack(data, f"{_attack_files()[name]} (with overrides {overrides})")
+    return parse_attack(data, f"{_attack_files()[name]} (with overrides {overrides})", base_dir=Path.cwd())
 
 
 def list_defenses(filter: str = "", exclude: str = "") -> list[str]:

@@ -59,6 +59,19 @@ def test_overrides_reach_trigger_components_by_index_or_directly_when_there_is_o
         create_attack("blended", **{"trigger.alpha": 7})
 
 
+def test_an_image_path_given_as_an_override_is_relative_to_the_current_directory(tmp_path, monkeypatch):
+    from PIL import Image
+
+    (tmp_path / "pictures").mkdir()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(tmp_path / "pictures" / "pic.png")
+    monkeypatch.chdir(tmp_path)
+    spec = create_attack("blended", **{"trigger.source": "image", "trigger.image": "pictures/pic.png"})
+    assert spec.trigger[0].params["image"] == str(tmp_path / "pictures" / "pic.png")
+    monkeypatch.chdir(tmp_path / "pictures")
+    with pytest.raises(ConfigError, match=r"image file not found: .*pictures/pictures/pic.png"):
+        create_attack("blended", **{"trigger.source": "image", "trigger.image": "pictures/pic.png"})
+
+
 def test_badnets_poisons_exact_count_and_pixels(tiny_data):
     spec = create_attack("badnets", **{"poisoning.ratio": 0.25})
     data = ImageData(tiny_data.images, tiny_data.labels, tiny_data.classes)

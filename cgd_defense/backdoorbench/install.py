@@ -54,7 +54,7 @@ seed: 0
 clip: null           # CLIP weights, e.g. ViT-B-32:/path/to/open_clip_model.bin; null: cgd-bench's default
 data_root: null      # clean {dataset} data; null: the record's data_path (./data/{dataset})
 device: null         # cpu | cuda | cuda:N; null: cuda when available
-cache_dir: null      # null: $CGD_CACHE_DIR or ~/.cache/cgd-bench
+cache_dir: null      # null: $CGD_CACHE_DIR, else $XDG_CACHE_HOME/cgd-bench, else ~/.cache/cgd-bench
 trust_record: false  # true unpickles records without the allow-list: only for records you trust
 params: {{}}
 """

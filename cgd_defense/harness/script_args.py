@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from ..config import CACHE_DIR_HELP
+
 
 def add_run_arguments(parser: argparse.ArgumentParser, *, preset: str = "quick") -> None:
     """--data-root, --dataset, --preset, --seed, --device and --cache-dir."""
@@ -15,7 +17,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, preset: str = "quick")
     parser.add_argument("--preset", default=preset)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
-    parser.add_argument("--cache-dir", default=None, help="default: $CGD_CACHE_DIR or ~/.cache/cgd-bench")
+    parser.add_argument("--cache-dir", default=None, help=CACHE_DIR_HELP)
 
 
 def run_config(args: argparse.Namespace, **fields):
