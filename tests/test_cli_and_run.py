@@ -48,6 +48,17 @@ def test_second_run_reuses_cached_stages(smoke_run, mini_root, session_cache_dir
     assert result["clean_acc"] == first["clean_acc"] and result["asr"] == first["asr"]
 
 
+def test_the_commit_recorded_is_the_one_the_run_started_from(smoke_run, mini_root, session_cache_dir, tmp_path,
+                                                            monkeypatch):
+    from cgd_defense.harness import pipeline
+
+    commits = iter(["commit-at-start", "commit-after-an-edit"])
+    monkeypatch.setattr(pipeline, "git_commit", lambda: next(commits))
+    cfg = pipeline.RunConfig(attack="badnets", data_root=str(mini_root), preset="smoke",
+                             cache_dir=str(session_cache_dir))
+    assert pipeline.run(cfg, tmp_path / "out")["git_commit"] == "commit-at-start"
+
+
 @pytest.mark.parametrize("args,message", [
     (["run", "--attack", "badnetz", "--out", "X"], "unknown attack 'badnetz'. Did you mean 'badnets'?"),
     (["run", "--defense", "nope", "--out", "X"], "unknown defense 'nope'"),

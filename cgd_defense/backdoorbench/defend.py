@@ -128,6 +128,7 @@ def defend_record(record_dir: str | os.PathLike, defense: str = "cgd", params: d
     our result dict (also written there as result.json)."""
     timer = StageTimer()
     t_total = time.perf_counter()
+    commit = git_commit()  # the code this run loaded: the checkout may move on while it runs
     cache = Cache(cache_dir)
     with timer("data"):
         record = read_record(record_dir, data_root=data_root, trust=trust, cache=cache)
@@ -151,7 +152,7 @@ def defend_record(record_dir: str | os.PathLike, defense: str = "cgd", params: d
             "cache": {"hits": cache.hits, "misses": cache.misses},
             "config": cfg.model_dump(mode="json"),
             "resolved": {"preset": preset_obj.model_dump(mode="json")},
-            "versions": package_versions(), "git_commit": git_commit(), "machine": machine(),
+            "versions": package_versions(), "git_commit": commit, "machine": machine(),
         }
         result["stage_times"]["total"] = round(time.perf_counter() - t_total, 3)
         result = _json_safe(result)

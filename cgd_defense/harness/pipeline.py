@@ -304,6 +304,7 @@ def run(cfg: RunConfig, out_dir: str | os.PathLike | None = None) -> dict:
     attack = create_attack(cfg.attack, **cfg.attack_overrides)
     create_defense(cfg.defense, preset=cfg.preset, **cfg.defense_params)  # fail on bad parameters before any work
     cache = Cache(cfg.cache_dir)
+    commit = git_commit()  # the code this run loaded: the checkout may move on while a long run goes
     staging = Path(tempfile.mkdtemp(prefix="cgd-run-"))  # moved into out_dir only when the run succeeded
     try:
         t_total = time.perf_counter()
@@ -323,7 +324,7 @@ def run(cfg: RunConfig, out_dir: str | os.PathLike | None = None) -> dict:
             "cache": {"hits": cache.hits, "misses": cache.misses},
             "config": cfg.model_dump(mode="json"),
             "resolved": {"preset": preset.model_dump(mode="json"), "attack": attack.model_dump(mode="json")},
-            "versions": package_versions(), "git_commit": git_commit(), "machine": machine(),
+            "versions": package_versions(), "git_commit": commit, "machine": machine(),
         }
         result["stage_times"]["total"] = round(time.perf_counter() - t_total, 3)
         result = _json_safe(result)
