@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from cgd_defense.clip import load_clip, parse_clip_spec, zero_shot_logits
-from cgd_defense.clip.factory import clip_from_standin_payload, local_weights_path
+from cgd_defense.clip.factory import (CPU_SCORING_BATCH, clip_from_standin_payload, local_weights_path,
+                                      scoring_batch_size)
 from cgd_defense.clip.standin import (PUBLIC_FRACTION, StandinPool, StandinRecipe, caption_bank, save_standin,
                                       train_standin)
 from cgd_defense.clip.zeroshot import clear_memo, image_features, prompts_for
@@ -144,6 +145,14 @@ def test_bf16_scoring_tower_folds_batchnorm_and_agrees_with_fp32(tiny_clip):
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in tiny_clip.model.visual.modules())  # the model is untouched
     assert tiny_clip.preprocess_cfg()["conv_batchnorm_folded"]
     assert F.cosine_similarity(fp32, bf16, dim=1).min() > 0.99
+
+
+def test_cpu_scoring_takes_small_batches_and_the_batch_does_not_change_the_features(tiny_clip):
+    assert tiny_clip.batch_size == CPU_SCORING_BATCH
+    assert scoring_batch_size(torch.device("cuda"), gpu_batch=1024) == 1024
+    images = _images(2 * CPU_SCORING_BATCH + 3)
+    torch.testing.assert_close(tiny_clip.encode_images(images, batch_size=7), tiny_clip.encode_images(images),
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_zero_shot_logits_match_open_clip_reference_pipeline(tmp_path):

@@ -125,6 +125,16 @@ def parse_clip_spec(spec: str) -> ClipSpec:
 # --------------------------------------------------------------------------------------------- ClipModel
 
 
+CPU_SCORING_BATCH = 64
+
+
+def scoring_batch_size(device: torch.device, gpu_batch: int) -> int:
+    """Images per forward pass when scoring. On a CPU small batches are faster: a layer's activations
+    stay in cache (2-core EPYC, bf16, stand-in 1 thread: 623 img/s at 64 against 539 at 256 and 462 at
+    1,024; ViT-B-32 2 threads: 34 against 33 img/s, 1 thread 20 against 17). On a GPU, `gpu_batch`."""
+    return gpu_batch if device.type == "cuda" else CPU_SCORING_BATCH
+
+
 @dataclass(eq=False)
 class ClipModel:
     """A CLIP ready for zero-shot scoring: the network, its tokenizer, its own preprocessing, where its
@@ -140,7 +150,7 @@ class ClipModel:
     source: dict
     spec: str
     device: torch.device
-    batch_size: int = 256
+    batch_size: int
     precision: str = "auto"
     channels_last: bool = True
     _memo: dict = field(default_factory=dict, repr=False)
@@ -318,7 +328,8 @@ def _from_open_clip(spec: str, parsed: ClipSpec, device: torch.device, require_p
     size = pp["size"] if isinstance(pp["size"], int) else pp["size"][0]
     return ClipModel(model=net.eval(), tokenizer=open_clip.get_tokenizer(parsed.arch), image_size=int(size),
                      mean=tuple(pp["mean"]), std=tuple(pp["std"]), interpolation=pp.get("interpolation", "bicubic"),
-                     identity=identity, source=source, spec=spec, device=device)
+                     identity=identity, source=source, spec=spec, device=device,
+                     batch_size=scoring_batch_size(device, gpu_batch=256))
 
 
 def clip_from_standin_payload(payload: dict, spec: str, device: torch.device, source: dict) -> ClipModel:
@@ -335,7 +346,7 @@ def clip_from_standin_payload(payload: dict, spec: str, device: torch.device, so
     return ClipModel(model=net, tokenizer=standin_model.standin_tokenizer(arch), image_size=int(pp["size"]),
                      mean=tuple(pp["mean"]), std=tuple(pp["std"]), interpolation=pp.get("interpolation", "bilinear"),
                      identity=identity, source={**source, "weights_sha256": identity}, spec=spec, device=device,
-                     batch_size=1024)
+                     batch_size=scoring_batch_size(device, gpu_batch=1024))
 
 
 def load_standin_file(path: str | os.PathLike) -> dict:
