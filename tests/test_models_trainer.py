@@ -6,7 +6,7 @@ import torch
 from cgd_defense.harness.augment import random_crop_flip
 from cgd_defense.harness.trainer import TrainConfig, _lookahead, _lr_lambda, make_optimizer, predict, train
 from cgd_defense.models import Classifier, create_model, list_models
-from cgd_defense.models.fusion import fold_conv_batchnorm
+from cgd_defense.models.fusion import batchnorm_as_affine, fold_conv_batchnorm
 from cgd_defense.errors import ConfigError
 
 
@@ -47,6 +47,35 @@ def test_folding_batchnorm_into_convolutions_keeps_the_function(name):
     left = sum(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
     # FastNet's conv -> BN pairs all sit in Sequentials; the whitened net pools between conv and BN.
     assert left == (0 if name == "fastnet" else len(norms))
+
+
+def test_batchnorm_as_affine_keeps_first_and_second_order_gradients():
+    from cgd_defense.defenses.ibau import implicit_hypergradient
+    torch.manual_seed(0)
+    model = create_model("fastnet_small", num_classes=5)
+    for norm in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        norm.running_mean.normal_()
+        norm.running_var.uniform_(0.5, 2.0)
+        norm.weight.data.normal_()
+        norm.bias.data.normal_()
+    with pytest.raises(ValueError, match="eval mode"), batchnorm_as_affine(model):
+        pass
+    model.eval()
+    params = list(model.parameters())
+    x, y = torch.randn(6, 3, 32, 32), torch.randint(0, 5, (6,))
+    delta, rows = 0.1 * torch.randn(1, 3, 32, 32), torch.tensor([1.0, 0, 0, 1, 0, 0]).view(6, 1, 1, 1)
+
+    def hypergradient():
+        return implicit_hypergradient(model, params, x, y, delta, rows, iterations=3, bf16=False,
+                                      device=torch.device("cpu"))
+
+    expected, expected_out = hypergradient(), model(x)
+    with batchnorm_as_affine(model):
+        assert all("forward" in vars(m) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        torch.testing.assert_close(model(x), expected_out, atol=1e-5, rtol=1e-5)
+        for got, want in zip(hypergradient(), expected):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert not any("forward" in vars(m) for m in model.modules())  # BatchNorm's own forward is back
 
 
 def test_unknown_model_lists_known():

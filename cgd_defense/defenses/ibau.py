@@ -32,6 +32,7 @@ from pydantic import Field
 from ..errors import CGDError
 from ..harness.precision import autocast, resolve_device, use_bf16
 from ..models import Classifier
+from ..models.fusion import batchnorm_as_affine
 from .base import Defense, register_defense
 from .clean_source import CleanDataParams, resolve_clean_data
 
@@ -118,21 +119,22 @@ class IBAU(Defense):
             images, labels = clean.data.images, clean.data.labels
             n_batches = clean.steps(1, p.batch_size)
             delta_norms = []
-            for _ in range(p.rounds):
-                batches = _round_batches(len(labels), n_batches, p.batch_size, g)
-                inputs = [model.normalize(images[b].to(device)) for b in batches]
-                delta = worst_perturbation(net, inputs, bf16=bf16, device=device)
-                delta_norms.append(float(delta.norm()))
-                for x, b in zip(inputs, batches):
-                    rows = torch.zeros(len(b), 1, 1, 1, device=device)
-                    n_rows = max(1, round(p.perturbed_fraction * len(b)))
-                    rows[torch.randperm(len(b), generator=g)[:n_rows]] = 1
-                    grads = implicit_hypergradient(net, params, x, labels[b].to(device), delta, rows,
-                                                   iterations=p.fixed_point_iters, bf16=bf16, device=device)
-                    for q, grad in zip(params, grads):
-                        q.grad = grad
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+            with batchnorm_as_affine(net):  # eval-mode BatchNorm: cheap second-order gradients
+                for _ in range(p.rounds):
+                    batches = _round_batches(len(labels), n_batches, p.batch_size, g)
+                    inputs = [model.normalize(images[b].to(device)) for b in batches]
+                    delta = worst_perturbation(net, inputs, bf16=bf16, device=device)
+                    delta_norms.append(float(delta.norm()))
+                    for x, b in zip(inputs, batches):
+                        rows = torch.zeros(len(b), 1, 1, 1, device=device)
+                        n_rows = max(1, round(p.perturbed_fraction * len(b)))
+                        rows[torch.randperm(len(b), generator=g)[:n_rows]] = 1
+                        grads = implicit_hypergradient(net, params, x, labels[b].to(device), delta, rows,
+                                                       iterations=p.fixed_point_iters, bf16=bf16, device=device)
+                        for q, grad in zip(params, grads):
+                            q.grad = grad
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
 
         self.model_ = model.eval()
         self.info_ = {**clean.info, "outer_steps": p.rounds * n_batches, "delta_l2_per_round": delta_norms}
