@@ -43,7 +43,7 @@ def batchnorm_as_affine(module: nn.Module):
     normalisation as a plain per-channel affine map, with gradients to its weight and bias as before.
     Why: PyTorch's BatchNorm double backward is written for batch statistics and is slow; second-order
     gradients through the affine map are a few products. One I-BAU hypergradient step of FastNet
-    (batch 256, bf16, 2-core EPYC): 12.1 -> 8.3 s (bench/ibau_step.py)."""
+    (batch 256, bf16, 2-core EPYC): 11.9 -> 8.1 s (bench/ibau_step.py)."""
     norms = [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
     if module.training or any(m.training or not m.track_running_stats for m in norms):
         raise ValueError("batchnorm_as_affine needs a module in eval mode with running statistics")
