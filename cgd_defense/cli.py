@@ -318,9 +318,12 @@ def grid_show(grid_name, db_path, runs_dir):
 @click.option("--only", "only", multiple=True, metavar="PATTERN",
               help="run only the unfinished jobs whose description as `grid show` prints it matches this shell "
                    "pattern, e.g. 'cifar10/*/asd*' (repeatable); the rest stay unfinished")
+@click.option("--rerun-done", is_flag=True,
+              help="also run again the finished jobs that --only selects (e.g. after a fix); each row is replaced "
+                   "when its job finishes")
 @click.option("--print-config", is_flag=True, help="print the resolved configuration of every job and exit")
 def grid_run(grid_name, backend, workers, db_path, retry_failed, skip_unregistered, data_root, cache_dir, runs_dir,
-             device, address, cpus_per_job, gpus_per_job, only, print_config):
+             device, address, cpus_per_job, gpus_per_job, only, rerun_done, print_config):
     """Run the unfinished jobs of GRID; finished jobs are skipped, so a stopped run resumes."""
     from .leaderboard.db import ResultsDB
     from .leaderboard.grid import load_plan
@@ -337,7 +340,7 @@ def grid_run(grid_name, backend, workers, db_path, retry_failed, skip_unregister
     summary = run_grid(plan, db, backend=backend, workers=workers, retry_failed=retry_failed,
                        skip_unregistered=skip_unregistered, data_root=data_root, cache_dir=cache_dir, device=device,
                        runs_dir=runs_dir, address=address, cpus_per_job=cpus_per_job, gpus_per_job=gpus_per_job,
-                       only=list(only) or None)
+                       only=list(only) or None, rerun_done=rerun_done)
     for line in summary.lines():
         click.echo(line)
     click.echo(f"results: {db.path}")

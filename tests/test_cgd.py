@@ -93,6 +93,36 @@ def test_auto_sigma_suspect_cap_bounds_sigma2_only():
     assert few.sigma2 == pytest.approx(50 / 800, abs=0.01)
 
 
+def test_auto_sigma_capped_clamps_a_share_above_the_bound_uncapped_falls_back():
+    g = torch.Generator().manual_seed(0)
+    clean = torch.exp(torch.randn(650, generator=g) * 0.8 - 0.7)
+    poison = torch.exp(torch.randn(350, generator=g) * 0.5 - 11.0)    # a clear 35% low mode, above the 0.3 bound
+    nll = torch.cat([clean, poison])
+    free = auto_sigma(nll, fixed=(0.2, 0.1), gap=0.1, bounds=(0.002, 0.3))
+    assert (free.sigma1, free.sigma2) == (0.2, 0.1) and "outside [0.002, 0.3]" in free.source
+    capped = auto_sigma(nll, fixed=(0.2, 0.1), gap=0.1, bounds=(0.002, 0.3), suspect_cap=0.1)
+    assert capped.source == "auto" and capped.details["clamped_from"] == pytest.approx(0.35, abs=0.01)
+    assert capped.sigma1 == pytest.approx(0.4) and capped.sigma2 == 0.1
+    # what the clamp is for: the fixed sigma1 lets part of the low mode into the clean part, the clamped one does not
+    r_susp = rank_normalize(nll)
+    assert bool((r_susp[650:] >= free.sigma1).any()) and not bool((r_susp[650:] >= capped.sigma1).any())
+    # a share below the lower bound still falls back, capped or not
+    scarce = auto_sigma(torch.cat([clean, poison[:1]]), fixed=(0.2, 0.1), gap=0.1, bounds=(0.002, 0.3), suspect_cap=0.1)
+    assert scarce.source.startswith("fixed (auto fell back")
+
+
+def test_results_of_defenses_using_the_split_are_keyed_on_its_revision(monkeypatch):
+    from cgd_defense.defenses import cgd_split
+    from cgd_defense.registry import create_defense
+
+    users = [create_defense("cgd"), create_defense("fp", clean_source="cgd")]
+    others = [create_defense("fp", clean_source="oracle"), create_defense("abl")]
+    assert all(d.code_revision() == {"cgd_split_revision": cgd_split.SPLIT_REVISION} for d in users)
+    assert all(d.code_revision() == {} for d in others)
+    monkeypatch.setattr(cgd_split, "SPLIT_REVISION", cgd_split.SPLIT_REVISION + 1)
+    assert all(d.code_revision() == {"cgd_split_revision": cgd_split.SPLIT_REVISION} for d in users)
+
+
 # ---------------------------------------------------------------------------------------------- balancing
 
 def test_class_balancing_counts():

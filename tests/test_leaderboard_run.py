@@ -5,6 +5,7 @@ BadNets without defense (2 jobs): its two backdoored models are trained once by 
 read from the session cache by every later run."""
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -100,6 +101,26 @@ def test_rerun_skips_finished_jobs(first_run, tiny_grid, mini_root, session_cach
                "--cache-dir", str(session_cache_dir))
     assert proc.returncode == 0 and "2 already finished, ran 0" in proc.stdout
     assert job_rows(db) == before
+
+
+def test_rerun_done_repeats_only_the_selected_finished_jobs(first_run, tiny_grid, mini_root, session_cache_dir,
+                                                           tmp_path):
+    db = tmp_path / "results.sqlite"
+    shutil.copy(first_run[0], db)
+    before = job_rows(db)
+    common = ("grid", "run", str(tiny_grid), "--db", str(db), "--data-root", str(mini_root),
+              "--cache-dir", str(session_cache_dir))
+    proc = cli(*common, "--rerun-done")
+    assert proc.returncode == 2 and "give --only PATTERN" in proc.stderr
+    assert job_rows(db) == before  # refused before anything ran
+    proc = cli(*common, "--rerun-done", "--only", "cifar10/badnets/*")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1 already finished, ran 1 (1 done, 0 failed)" in proc.stdout
+    after = job_rows(db)
+    assert after["clean"] == before["clean"]
+    assert after["badnets"]["status"] == "done" and after["badnets"]["attempts"] == before["badnets"]["attempts"] + 1
+    assert after["badnets"]["finished_at"] > before["badnets"]["finished_at"]
+    assert after["badnets"]["asr"] == before["badnets"]["asr"]  # the same job, recomputed from the same cache
 
 
 def _session_processes(sid: int) -> list[int]:

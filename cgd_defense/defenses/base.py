@@ -122,6 +122,16 @@ class Defense:
         """Validated parameters (raises ConfigError naming the defense and field)."""
         return validate_model(self.Params, self._params, f"defense '{self.name}'")
 
+    def code_revision(self) -> dict:
+        """Fields the harness adds to the key of this defense's cached result, changed by a code fix
+        that alters what `fit` returns for the same parameters, so stale results are recomputed.
+        Defenses that use CGD's split (CGD, clean_source=cgd) carry the split rule's revision."""
+        if not self.uses_clip():
+            return {}
+        from .cgd_split import SPLIT_REVISION  # deferred: cgd_split imports the trainer
+
+        return {"cgd_split_revision": SPLIT_REVISION}
+
     def uses_clip(self) -> bool:
         """Whether `fit` loads the run's CLIP (`context.clip`): every defense fed CGD's clean split
         does; CGD overrides this. The harness then keys its results on the CLIP's identity."""

@@ -105,7 +105,8 @@ class CGDParams(StrictModel):
     sigma2: float = Field(0.1, gt=0, lt=0.5, validate_default=True, description="suspects: r_clip > 1 - sigma2 or r_susp < sigma2")
     auto_sigma_gap: float = Field(0.1, ge=0, lt=0.5, description="auto: sigma1 - sigma2, the buffer between parts")
     auto_sigma_min: float = Field(0.002, gt=0, lt=0.5, description="auto: smallest share accepted")
-    auto_sigma_max: float = Field(0.3, gt=0, lt=0.5, validate_default=True, description="auto: largest share accepted")
+    auto_sigma_max: float = Field(0.3, gt=0, lt=0.5, validate_default=True,
+                                  description="auto: largest share accepted; auto_capped clamps a larger one to it")
     balance: Literal["resample", "top_up", "none"] | None = Field(
         None, description="class balancing of the clean part by given label: 'resample' (reference) redraws each "
         "smaller class with replacement, dropping some originals; 'top_up' (improved) keeps every clean sample and "

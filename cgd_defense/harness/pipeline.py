@@ -247,7 +247,7 @@ def defend_and_evaluate(cfg: RunConfig, data: RunData, model: Classifier, model_
     context = defense_context(cfg, data, preset, cache, artifact_dir)
     defense_spec = {"backdoored": model_key, "defense": cfg.defense, "params": defense.get_params(),
                     "preset": cfg.preset, "seed": cfg.seed, **cfg.clip_key(defense),
-                    "val": tensor_digest(data.val.images)}
+                    "val": tensor_digest(data.val.images), **defense.code_revision()}
     with timer("defense"):
         if cfg.defense == "none":
             defended, split, defense_info = model, None, {}

@@ -272,12 +272,21 @@ def run_grid(plan: GridPlan, db: ResultsDB, *, backend: str = "local", workers: 
              retry_failed: bool = False, skip_unregistered: bool = False, data_root: str | None = None,
              cache_dir: str | None = None, device: str | None = None, runs_dir: str | os.PathLike | None = None,
              address: str | None = None, cpus_per_job: float | None = None, gpus_per_job: float | None = None,
-             ray_num_cpus: int | None = None, only: list[str] | None = None) -> GridRunSummary:
+             ray_num_cpus: int | None = None, only: list[str] | None = None,
+             rerun_done: bool = False) -> GridRunSummary:
     """Run every unfinished job of `plan` (with `only`, those whose description, e.g.
     'cifar10/badnets/asd seed=0', matches one of these shell patterns), recording each in `db` as it
-    finishes."""
+    finishes. `rerun_done` also runs the finished jobs that `only` selects (after a fix), each row
+    replaced when its job finishes again."""
     if plan.unregistered_names and not skip_unregistered:
         raise unregistered_error(plan)
+    if rerun_done and not only:
+        raise GridError("--rerun-done runs again the finished jobs that --only selects: give --only PATTERN "
+                        "(to rerun a whole grid, run it into a new database with --db)")
+
+    def selected(job: Job) -> bool:
+        return any(fnmatch.fnmatchcase(job.describe(), pattern) for pattern in only)
+
     grid = plan.spec.name
     runs_root = runs_root_of(db, runs_dir)
     db.register(grid, plan.jobs)
@@ -289,15 +298,15 @@ def run_grid(plan: GridPlan, db: ResultsDB, *, backend: str = "local", workers: 
         if job.unregistered:
             db.mark_skipped(job.key, "not registered: " + ", ".join(job.unregistered))
             summary.skipped_unregistered += 1
-        elif state == "done":
+        elif state == "done" and not (rerun_done and selected(job)):
             summary.already_done += 1
         elif state == "failed" and not retry_failed:
             summary.kept_failed += 1
         else:
             to_run.append(job)
     if only:
-        chosen = [j for j in to_run if any(fnmatch.fnmatchcase(j.describe(), pattern) for pattern in only)]
-        summary.left_out = len(to_run) - len(chosen)
+        chosen = [j for j in to_run if selected(j)]
+        summary.left_out = len(to_run) - len(chosen)  # finished jobs are in to_run only when selected
         to_run = chosen
     summary.repeated_interrupted = sum(status.get(j.key) == "running" for j in to_run)
 
