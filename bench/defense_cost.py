@@ -15,6 +15,13 @@ The poisoned sets, backdoored models and the stand-in CLIP (the price of having 
 here, not part of CGD) come from `--cache-dir`, prepared first by the parent; every intermediate a
 defense computes (CLIP image features, suspicious model, SimCLR backbone, ...) is recomputed, never
 read from a cache. Prints a table, writes bench/results/defense_cost_<preset>.json.
+
+The whole comparison (badnets + sig, four defenses) takes about 3.5 hours on a 2-core CPU. The report
+is rewritten after every defense, and `--resume` keeps the rows of an earlier, cut-short run of the
+same comparison (same preset, dataset, seed, and the same machine: CPU model, core count, GPU) and runs
+only the missing ones, so the comparison can be finished in a later sitting on the same host. Rows
+measured on another machine are refused, never mixed into the ratios; every row records its commit
+and finish time, and `runs` lists each sitting.
 """
 from __future__ import annotations
 
@@ -170,6 +177,33 @@ def ratios(rows: list[dict]) -> dict:
     return out
 
 
+def resumable_rows(out: Path, args, machine_info: dict) -> tuple[dict, list]:
+    """The finished rows of an earlier report at `out` that this run may keep, keyed by (attack,
+    defense), and the earlier sittings. Exits with a message when the report is for other settings or
+    another machine: wall times from two hosts are not comparable."""
+    if not out.exists():
+        return {}, []
+    try:
+        report = json.loads(out.read_text())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"--resume: cannot read {out}: {exc}") from None
+    for field in ("preset", "dataset", "seed"):
+        if report.get(field) != getattr(args, field):
+            raise SystemExit(f"--resume: {out} has {field} {report.get(field)!r}, this run {getattr(args, field)!r}; "
+                             "use another --out")
+    kept = {}
+    for row in report.get("rows", []):
+        if "error" in row:
+            continue  # a failed defense is run again
+        measured_on = row.get("machine", report.get("machine"))
+        if measured_on != machine_info:
+            raise SystemExit(f"--resume: {out} holds {row['attack']}/{row['defense']} measured on {measured_on}, "
+                             f"this machine is {machine_info}; wall times from two machines are not compared: "
+                             "use another --out")
+        kept[(row["attack"], row["defense"])] = {**row, "machine": measured_on}
+    return kept, report.get("runs", [])
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -177,6 +211,8 @@ def main(argv=None) -> None:
     parser.add_argument("--attacks", nargs="+", default=["badnets", "sig"])
     parser.add_argument("--defenses", nargs="+", default=["cgd", "abl", "dbd", "asd"])
     parser.add_argument("--out", default=None, help="JSON path (default: bench/results/defense_cost_<preset>.json)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows of --out measured on this machine with these settings; run only the rest")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--attack", help=argparse.SUPPRESS)
     parser.add_argument("--defense", help=argparse.SUPPRESS)
@@ -197,10 +233,16 @@ def main(argv=None) -> None:
     if missing:
         parser.error(f"unknown defense(s) {missing}")
     t0 = time.perf_counter()
-    input_times = prepare_inputs(args)
     out = Path(args.out) if args.out else RESULTS / f"defense_cost_{args.preset}.json"
-    provenance = {"machine": machine(), "platform": platform.platform(), "versions": package_versions(),
-                  "git_commit": git_commit()}
+    machine_info = machine()
+    kept, runs = resumable_rows(out, args, machine_info) if args.resume else ({}, [])
+    runs = [*runs, {"started_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "git_commit": git_commit()}]
+    pending = [(a, d) for a in args.attacks for d in args.defenses if (a, d) not in kept]
+    input_times = prepare_inputs(argparse.Namespace(**{
+        **vars(args), "attacks": list(dict.fromkeys(a for a, _ in pending)),
+        "defenses": list(dict.fromkeys(d for _, d in pending))})) if pending else {}
+    provenance = {"machine": machine_info, "platform": platform.platform(), "versions": package_versions(),
+                  "git_commit": runs[-1]["git_commit"], "runs": runs}
 
     def write_report(rows: list[dict]) -> None:
         # Rewritten after every defense, so a long run cut short keeps what finished.
@@ -212,10 +254,16 @@ def main(argv=None) -> None:
     rows = []
     for attack in args.attacks:
         for defense in args.defenses:
-            rows.append(run_worker(args, attack, defense))
+            if (attack, defense) in kept:
+                rows.append(kept[(attack, defense)])
+                print(f"  {attack}/{defense}: {rows[-1]['wall_s']:.1f} s (kept from an earlier sitting)", flush=True)
+                continue
+            rows.append({**run_worker(args, attack, defense), "machine": machine_info,
+                         "git_commit": runs[-1]["git_commit"], "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
             r = rows[-1]
             print(f"  {attack}/{defense}: " + (f"{r['wall_s']:.1f} s" if "error" not in r else "FAILED"), flush=True)
             write_report(rows)
+    write_report(rows)
     print()
     print_table(rows)
     for attack, r in ratios(rows).items():

@@ -280,3 +280,13 @@ def test_ray_backend_on_a_local_instance(first_run, tiny_grid, mini_root, sessio
         assert (row["clean_acc"], row["asr"]) == (local[attack]["clean_acc"], local[attack]["asr"])
         assert (Path(row["run_dir"]) / "result.json").is_file()
         assert_stages_logged(Path(row["run_dir"]) / "run.log", "data: done in", "evaluate: done in")
+
+
+def test_host_names_the_cpu_model_or_the_gpu(monkeypatch):
+    from cgd_defense.leaderboard import runner
+
+    monkeypatch.setattr(runner.socket, "gethostname", lambda: "vm")
+    cpu = {"cpus": "2", "cpu_model": "AMD EPYC", "cuda": "none"}
+    assert runner.describe_host(cpu) == "vm (2 CPUs, AMD EPYC)"
+    assert runner.describe_host({**cpu, "cuda": "NVIDIA H200"}) == "vm (NVIDIA H200)"
+    assert runner.describe_host({"cpus": "2", "cuda": "none"}) == "vm (2 CPUs)"  # a result written before cpu_model

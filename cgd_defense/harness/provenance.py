@@ -31,10 +31,24 @@ def git_commit() -> str:
         return "unknown"
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), so that wall times from two hosts with the same
+    core count and platform string (a 2-core AMX host and a 2-core AMD EPYC) are told apart."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict[str, str]:
     import os
 
     import torch
 
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": str(os.cpu_count()), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"}
+            "cpu_model": cpu_model(), "cpus": str(os.cpu_count()),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"}

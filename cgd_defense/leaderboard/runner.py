@@ -81,9 +81,13 @@ def execute_job(run_config: dict, torch_threads: int | None = None, live_log: st
 
 def describe_host(machine_info: dict) -> str:
     """The host name and what the job ran on (`provenance.machine()`), so that a wall time can be
-    read: 'vm (NVIDIA H200)', 'vm (2 CPUs)'."""
+    read: 'vm (NVIDIA H200)', 'vm (2 CPUs, AMD EPYC)'."""
     gpu = machine_info.get("cuda")
-    return f"{socket.gethostname()} ({gpu if gpu and gpu != 'none' else str(machine_info.get('cpus', '?')) + ' CPUs'})"
+    if gpu and gpu != "none":
+        return f"{socket.gethostname()} ({gpu})"
+    cpus = f"{machine_info.get('cpus', '?')} CPUs"
+    model = machine_info.get("cpu_model")
+    return f"{socket.gethostname()} ({cpus}, {model})" if model else f"{socket.gethostname()} ({cpus})"
 
 
 # ---------------------------------------------------------------------------------------------- backends

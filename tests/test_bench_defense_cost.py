@@ -1,0 +1,75 @@
+"""bench/defense_cost.py: one real smoke-sized measurement, and `--resume` finishing a comparison in a
+later sitting without mixing machines or settings."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cgd_defense.config import PROJECT_ROOT
+from cgd_defense.harness.provenance import machine
+
+SCRIPT = PROJECT_ROOT / "bench" / "defense_cost.py"
+
+
+def _run(mini_root, cache_dir, out, *extra):
+    cmd = [sys.executable, str(SCRIPT), "--preset", "smoke", "--data-root", str(mini_root), "--cache-dir",
+           str(cache_dir), "--attacks", "badnets", "--out", str(out), *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def measured(mini_root, tmp_path_factory):
+    """One finished sitting: ABL on the smoke BadNets set."""
+    tmp = tmp_path_factory.mktemp("defense-cost")
+    out = tmp / "report.json"
+    proc = _run(mini_root, tmp / "cache", out, "--defenses", "abl")
+    assert proc.returncode == 0, proc.stderr
+    return tmp, out, json.loads(out.read_text())
+
+
+def test_a_sitting_records_the_row_with_its_machine_and_commit(measured):
+    _, _, report = measured
+    (row,) = report["rows"]
+    assert (row["attack"], row["defense"]) == ("badnets", "abl") and row["wall_s"] > 0
+    assert row["machine"] == machine() and row["machine"]["cpu_model"]
+    assert row["git_commit"] == report["runs"][0]["git_commit"] and len(report["runs"]) == 1
+    assert set(row["stage_times"]) == {"isolation", "finetune", "unlearning"}
+
+
+def test_resume_keeps_finished_rows_and_runs_nothing_again(measured, mini_root):
+    tmp, out, first = measured
+    proc = _run(mini_root, tmp / "cache", out, "--defenses", "abl", "--resume")
+    assert proc.returncode == 0, proc.stderr
+    assert "badnets/abl" in proc.stdout and "kept from an earlier sitting" in proc.stdout
+    report = json.loads(out.read_text())
+    assert report["rows"] == first["rows"]  # the same measurement, not a new one
+    assert len(report["runs"]) == 2 and report["input_times_s"] == {}  # nothing was prepared or trained
+
+
+def test_without_resume_the_report_is_measured_afresh(measured, mini_root, tmp_path):
+    tmp, out, first = measured
+    fresh = tmp_path / "fresh.json"
+    fresh.write_text(out.read_text())
+    proc = _run(mini_root, tmp / "cache", fresh, "--defenses", "abl")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(fresh.read_text())
+    assert "kept" not in proc.stdout and len(report["runs"]) == 1
+    assert report["rows"][0]["finished_at"] >= first["rows"][0]["finished_at"]
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda r: r["rows"][0]["machine"].update(cpu_model="Some Other CPU"), "wall times from two machines"),
+    (lambda r: r.update(preset="quick"), "has preset 'quick', this run 'smoke'"),
+])
+def test_resume_refuses_another_machine_or_other_settings(measured, mini_root, tmp_path, change, message):
+    tmp, out, _ = measured
+    report = json.loads(out.read_text())
+    change(report)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(report))
+    proc = _run(mini_root, tmp / "cache", other, "--defenses", "abl", "--resume")
+    assert proc.returncode != 0 and message in proc.stderr and str(other) in proc.stderr
+    assert json.loads(other.read_text()) == report  # left as it was
