@@ -241,6 +241,7 @@ def main(argv=None) -> None:
     input_times = prepare_inputs(argparse.Namespace(**{
         **vars(args), "attacks": list(dict.fromkeys(a for a, _ in pending)),
         "defenses": list(dict.fromkeys(d for _, d in pending))})) if pending else {}
+    runs[-1]["input_times_s"] = input_times  # each sitting's own preparation (cached inputs: ~0)
     provenance = {"machine": machine_info, "platform": platform.platform(), "versions": package_versions(),
                   "git_commit": runs[-1]["git_commit"], "runs": runs}
 

@@ -46,7 +46,8 @@ def test_resume_keeps_finished_rows_and_runs_nothing_again(measured, mini_root):
     assert "badnets/abl" in proc.stdout and "kept from an earlier sitting" in proc.stdout
     report = json.loads(out.read_text())
     assert report["rows"] == first["rows"]  # the same measurement, not a new one
-    assert len(report["runs"]) == 2 and report["input_times_s"] == {}  # nothing was prepared or trained
+    assert len(report["runs"]) == 2 and report["runs"][1]["input_times_s"] == {}  # nothing was prepared or trained
+    assert report["runs"][0] == first["runs"][0]
 
 
 def test_without_resume_the_report_is_measured_afresh(measured, mini_root, tmp_path):
