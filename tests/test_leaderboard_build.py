@@ -200,6 +200,14 @@ def test_build_cli_and_grid_filter(filled_db, tmp_path):
     assert (tmp_path / "o" / "index.html").is_file() and "wrote" in proc.stdout
 
 
+def test_build_refuses_an_empty_database_and_writes_nothing(tmp_path):
+    empty, out = tmp_path / "empty.sqlite", tmp_path / "board"
+    proc = subprocess.run([sys.executable, "-m", "cgd_defense.cli", "leaderboard", "build", "--db", str(empty),
+                           "--out", str(out)], capture_output=True, text=True, cwd=PROJECT_ROOT)
+    assert proc.returncode == 2 and f"{empty} holds no jobs" in proc.stderr and "leaderboard import" in proc.stderr
+    assert not out.exists()
+
+
 def chromium() -> str:
     for name in ("chromium", "chromium-browser"):
         path = shutil.which(name)

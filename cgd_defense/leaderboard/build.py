@@ -20,6 +20,7 @@ import shutil
 import time
 from pathlib import Path
 
+from ..errors import CGDError
 from ..harness.cache import atomic_write_text
 from . import tables
 from .db import ResultsDB
@@ -84,8 +85,6 @@ def read_results_csv(path: str | Path) -> list[dict]:
         reader = csv.DictReader(fh)
         missing = sorted(set(CSV_COLUMNS) - set(reader.fieldnames or []))
         if missing:
-            from ..errors import CGDError
-
             raise CGDError(f"{path}: not a cgd-bench results.csv (missing columns: {', '.join(missing)})")
         records = list(reader)
     rows = []
@@ -168,14 +167,17 @@ def readme(flat: list[dict], plots: dict[tuple, list[str]], db_path: Path) -> st
 def build_leaderboard(db: ResultsDB, out_dir: str | Path, grids: list[str] | None = None) -> list[Path]:
     """Write the leaderboard of `grids` (default: all in the database) under `out_dir`; return the files."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     rows = db.rows(grids)
+    if not db.grids():
+        # Checked before anything is written: an empty database (e.g. the default path of another
+        # checkout) would otherwise replace a published leaderboard with empty tables.
+        raise CGDError(f"{db.path} holds no jobs, so there is nothing to build and {out} is left as it is; on a "
+                       "fresh checkout run `cgd-bench leaderboard import leaderboard/results.csv` first, or pass --db")
     if grids:
         missing = sorted(set(grids) - {r["grid"] for r in rows})
         if missing:
-            from ..errors import CGDError
-
             raise CGDError(f"grid(s) {', '.join(missing)} have no job in {db.path}; known: {', '.join(db.grids())}")
+    out.mkdir(parents=True, exist_ok=True)
     flat = tables.with_series([tables.flat_row(r) for r in rows])
     _copy_maps(rows, flat, out)
     written = [out / "results.csv", out / "README.md", out / "index.html"]
