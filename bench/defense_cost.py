@@ -16,6 +16,12 @@ here, not part of CGD) come from `--cache-dir`, prepared first by the parent; ev
 defense computes (CLIP image features, suspicious model, SimCLR backbone, ...) is recomputed, never
 read from a cache. Prints a table, writes bench/results/defense_cost_<preset>.json.
 
+The shortened presets shrink each defense's schedule by a different factor (CGD's suspicious model
+keeps 2 of its 5 epochs at `quick`, DBD's MixMatch 8 of its 190), so the report also projects every
+row to the `paper` preset's schedules (`--project-to`): each timed stage scaled by the ratio of the
+work the defense declares for it there and here (`Defense.stage_work`), same model, data and machine.
+That is arithmetic on the measurement, labelled as a projection, never a measurement.
+
 The whole comparison (badnets + sig, four defenses) takes about 3.5 hours on a 2-core CPU. The report
 is rewritten after every defense, and `--resume` keeps the rows of an earlier, cut-short run of the
 same comparison (same preset, dataset, seed, and the same machine: CPU model, core count, GPU) and runs
@@ -177,6 +183,30 @@ def ratios(rows: list[dict]) -> dict:
     return out
 
 
+def projected(rows: list[dict], preset: str) -> dict:
+    """Each measured row scaled to `preset`'s schedule of its defense, stage by stage, by the ratio of
+    the work the defense declares for that stage at the two settings (`Defense.stage_work`): what the
+    comparison would show at that schedule with the same model, data and machine. A projection, not a
+    measurement; time outside the timed stages is kept as measured. Rows of a defense that declares
+    no stage work, or with a stage it does not declare, are left out."""
+    from cgd_defense.registry import create_defense
+
+    out = []
+    for r in rows:
+        if "error" in r:
+            continue
+        measured = create_defense(r["defense"], **r["params"]).stage_work(r["n_train"])
+        target = create_defense(r["defense"], preset=preset).stage_work(r["n_train"])
+        if not set(r["stage_times"]) <= set(measured):
+            continue
+        factors = {stage: target[stage] / measured[stage] for stage in r["stage_times"]}
+        outside_stages = r["wall_s"] - sum(r["stage_times"].values())
+        wall = outside_stages + sum(t * factors[stage] for stage, t in r["stage_times"].items())
+        out.append({"attack": r["attack"], "defense": r["defense"], "wall_s": round(wall, 1),
+                    "stage_factors": {k: round(v, 3) for k, v in factors.items()}})
+    return {"preset": preset, "rows": out, "cgd_ratios": ratios(out)}
+
+
 def resumable_rows(out: Path, args, machine_info: dict) -> tuple[dict, list]:
     """The finished rows of an earlier report at `out` that this run may keep, keyed by (attack,
     defense), and the earlier sittings. Exits with a message when the report is for other settings or
@@ -213,6 +243,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=None, help="JSON path (default: bench/results/defense_cost_<preset>.json)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the rows of --out measured on this machine with these settings; run only the rest")
+    parser.add_argument("--project-to", default="paper", metavar="PRESET",
+                        help="also scale the measured times to this preset's schedules (default: paper)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--attack", help=argparse.SUPPRESS)
     parser.add_argument("--defense", help=argparse.SUPPRESS)
@@ -229,9 +261,16 @@ def main(argv=None) -> None:
     from cgd_defense.harness.provenance import git_commit, machine, package_versions
     from cgd_defense.registry import is_defense
 
+    from cgd_defense.errors import CGDError
+    from cgd_defense.harness.presets import get_preset
+
     missing = [d for d in args.defenses if not is_defense(d)]
     if missing:
         parser.error(f"unknown defense(s) {missing}")
+    try:
+        get_preset(args.project_to)  # an unknown preset fails here, naming the known ones, before any work
+    except CGDError as exc:
+        parser.error(str(exc))
     t0 = time.perf_counter()
     out = Path(args.out) if args.out else RESULTS / f"defense_cost_{args.preset}.json"
     machine_info = machine()
@@ -248,7 +287,8 @@ def main(argv=None) -> None:
     def write_report(rows: list[dict]) -> None:
         # Rewritten after every defense, so a long run cut short keeps what finished.
         report = {"preset": args.preset, "dataset": args.dataset, "seed": args.seed, "rows": rows,
-                  "cgd_ratios": ratios(rows), "input_times_s": input_times,
+                  "cgd_ratios": ratios(rows), "projection": projected(rows, args.project_to),
+                  "input_times_s": input_times,
                   "total_s": round(time.perf_counter() - t0, 1), **provenance}
         atomic_write_text(out, json.dumps(report, indent=2))
 
@@ -269,6 +309,15 @@ def main(argv=None) -> None:
     print_table(rows)
     for attack, r in ratios(rows).items():
         print(f"{attack}: " + ", ".join(f"{k} = {v:.3f}" for k, v in r.items()))
+    projection = projected(rows, args.project_to)
+    if projection["rows"]:
+        print(f"\nprojected to the {args.project_to} preset's schedules (not measured: the same model, data and "
+              "machine, each stage scaled by its work):")
+        for r in projection["rows"]:
+            factors = ", ".join(f"{k} x{v:g}" for k, v in r["stage_factors"].items())
+            print(f"{r['attack']:<10} {r['defense']:<8} {r['wall_s']:>10.0f} s  ({factors})")
+        for attack, r in projection["cgd_ratios"].items():
+            print(f"{attack}: " + ", ".join(f"{k} = {v:.3f}" for k, v in r.items()))
     print(f"wrote {out}")
 
 

@@ -14,6 +14,7 @@ from cgd_defense.defenses.dbd import _hsv_to_rgb, _rgb_to_hsv, nt_xent, simclr_a
 from cgd_defense.defenses.semisup import (MixMatchConfig, lowest_fraction, mixmatch_epoch, mixmatch_loss, mixup,
                                           sharpen, split_and_mixmatch, symmetric_cross_entropy)
 from cgd_defense.harness.pipeline import RunConfig, run
+from cgd_defense.registry import create_defense
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,6 +249,10 @@ def test_baseline_runs_end_to_end_and_reports_its_split(smoke_run, name):
     expected_stages = {"abl": {"isolation", "finetune", "unlearning"}, "dbd": {"simclr", "linear_warmup", "split",
                        "mixmatch"}, "asd": {"seeds", "split", "mixmatch"}}[name]
     assert {f"defense.{s}" for s in expected_stages} <= set(result["stage_times"])
+    # the work it declares per stage (bench/defense_cost.py's projections) covers exactly the stages it times
+    defense = create_defense(name, preset="smoke")
+    assert set(defense.stage_work(n_train)) == {k.removeprefix("defense.") for k in result["stage_times"]
+                                                if k.startswith("defense.")}
     # a fresh model trained on the poisoned set: its predictions are not the backdoored model's
     assert (result["clean_acc"], result["asr"]) != (result["no_defense"]["clean_acc"], result["no_defense"]["asr"])
 

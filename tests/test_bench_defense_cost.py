@@ -74,3 +74,36 @@ def test_resume_refuses_another_machine_or_other_settings(measured, mini_root, t
     proc = _run(mini_root, tmp / "cache", other, "--defenses", "abl", "--resume")
     assert proc.returncode != 0 and message in proc.stderr and str(other) in proc.stderr
     assert json.loads(other.read_text()) == report  # left as it was
+
+
+def test_the_report_projects_each_stage_to_the_paper_schedule(measured):
+    _, _, report = measured
+    (row,) = report["rows"]
+    (projected,) = report["projection"]["rows"]
+    assert report["projection"]["preset"] == "paper"
+    # ABL at smoke (registry.yaml): isolation 1, fine-tuning 0.5, unlearning 2 epochs; the paper's 20 / 60 / 5
+    assert projected["stage_factors"] == {"isolation": 20.0, "finetune": 120.0, "unlearning": 2.5}
+    outside_stages = row["wall_s"] - sum(row["stage_times"].values())
+    expected = outside_stages + sum(t * projected["stage_factors"][s] for s, t in row["stage_times"].items())
+    assert projected["wall_s"] == pytest.approx(expected, abs=0.1)
+
+
+def test_projection_leaves_out_rows_whose_stages_are_undeclared():
+    sys.path.insert(0, str(SCRIPT.parent))
+    import defense_cost
+
+    params = {"isolation_epochs": 1, "finetune_epochs": 2.4}
+    row = {"attack": "badnets", "defense": "abl", "wall_s": 100.0, "n_train": 1000, "params": params,
+           "stage_times": {"isolation": 30.0, "finetune": 60.0, "unlearning": 5.0}}
+    (abl,) = defense_cost.projected([row], "paper")["rows"]
+    assert abl["wall_s"] == pytest.approx(5.0 + 30 * 20 + 60 * 25 + 5 * 1)
+    unknown_stage = {**row, "stage_times": {**row["stage_times"], "something_else": 1.0}}
+    assert defense_cost.projected([unknown_stage, {"attack": "badnets", "defense": "cgd", "error": "x"}],
+                                  "paper")["rows"] == []
+
+
+def test_an_unknown_projection_preset_is_refused_before_any_work(mini_root, tmp_path):
+    out = tmp_path / "report.json"
+    proc = _run(mini_root, tmp_path / "cache", out, "--defenses", "abl", "--project-to", "papper")
+    assert proc.returncode == 2 and "unknown preset 'papper'" in proc.stderr and "Did you mean 'paper'" in proc.stderr
+    assert not out.exists() and not (tmp_path / "cache").exists()

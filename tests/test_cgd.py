@@ -298,6 +298,7 @@ def test_fit_retrains_a_copy_and_reports(fake_clip, tmp_path):
     assert any(not torch.equal(before[k], v) for k, v in defense.model_.state_dict().items())
     info = defense.info_
     assert set(context.stage_times) == {"clip_scoring", "suspicious_training", "retraining"}
+    assert set(defense.stage_work(len(data))) == set(context.stage_times)
     assert info["pool_size"] == info["n_clean_balanced"] + info["n_suspect"] + info["n_rest"]
     assert info["early_stopping"]["n_used"] == 30 - 3  # val samples whose given label CLIP agrees with
     assert info["teacher_scale"] == 60.0 and info["variant"] == "improved"
@@ -371,3 +372,16 @@ def test_entropy_map_and_split_file_round_trip(tmp_path):
     assert loaded["clean_indices"] == payload["clean_indices"].tolist() and len(loaded["scores"]["clip_nll"]) == n
     pt = torch.load(write_split_file(payload, tmp_path / "split.pt"), weights_only=True)
     assert torch.equal(pt["clean_indices"], payload["clean_indices"])
+
+
+def test_stage_work_counts_k_fold_training_and_the_retraining_cap():
+    n = 10_000
+    # 3 folds train on 2/3 of the data each: 2 passes per epoch; 2 repeats x 5 epochs
+    kfold = CGD(variant="improved", suspicious_folds=3, suspicious_repeats=2, suspicious_epochs=5).stage_work(n)
+    assert kfold["suspicious_training"] == 2 * 5 * 2 * n
+    in_sample = CGD(variant="reference", suspicious_epochs=5).stage_work(n)  # 3 repeats, all of the data
+    assert in_sample["suspicious_training"] == 3 * 5 * n
+    # 200 batches of 256 per epoch at most: 51,200 samples, fewer than a 60,000-sample set
+    capped = CGD(retrain_epochs=4).stage_work(60_000)["retraining"]
+    assert capped == 4 * 200 * 256 and CGD(retrain_epochs=4).stage_work(n)["retraining"] == 4 * n
+    assert CGD().stage_work(n)["clip_scoring"] == CGD(retrain_epochs=1).stage_work(n)["clip_scoring"] == n

@@ -78,6 +78,12 @@ class ABL(Defense):
                            milestones=milestones or [0.5, 0.75], label_smoothing=0.0, augment=augment,
                            crop_padding=4, flip=True, precision=base.precision, channels_last=base.channels_last)
 
+    def stage_work(self, n_train: int) -> dict[str, float]:
+        p = self.params
+        return {"isolation": p.isolation_epochs * n_train,
+                "finetune": p.finetune_epochs * (1 - p.isolation_ratio) * n_train,
+                "unlearning": p.unlearning_epochs * p.isolation_ratio * n_train}
+
     def fit(self, model, train_set: ImageData, *, val_set=None, clean_subset=None, context) -> "ABL":
         """Train a fresh model of `model`'s architecture on `train_set` (ABL trains from scratch; the
         backdoored `model` itself is not used)."""

@@ -159,6 +159,16 @@ class ASD(Defense):
         return per_sample_sce(virtual, images, labels, alpha=p.sce_alpha, beta=p.sce_beta, device=context.device,
                               precision=context.preset.train.precision)
 
+    def stage_work(self, n_train: int) -> dict[str, float]:
+        p = self.params
+        # Each split is one loss pass over the data; each meta-split adds the virtual model's training
+        # epoch(s), counted as two passes (forward, plus the backward of the last two stages). The weight
+        # only matters between settings whose meta and plain splits scale differently: the registered
+        # presets scale both alike (quick -> paper: 12 -> 120 splits, 3 -> 30 meta-splits).
+        meta_splits = p.epochs - p.epoch_second
+        return {"seeds": 1.0, "split": (p.epochs + 2 * meta_splits * p.meta_epochs) * n_train,
+                "mixmatch": p.epochs * p.semi_iterations * p.semi_batch_size}
+
     def fit(self, model, train_set: ImageData, *, val_set=None, clean_subset=None, context) -> "ASD":
         """Train a fresh model of `model`'s architecture on `train_set` (ASD trains from scratch; the
         backdoored `model` itself is not used)."""

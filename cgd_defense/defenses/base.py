@@ -132,6 +132,14 @@ class Defense:
 
         return {"cgd_split_revision": SPLIT_REVISION}
 
+    def stage_work(self, n_train: int) -> dict[str, float]:
+        """How much work each stage `fit` times (`context.stage`) does under these parameters on
+        `n_train` samples, in a unit proportional to its run time for a fixed model and dataset
+        (samples passed through the model). Only the ratio between two settings of one defense means
+        anything: bench/defense_cost.py scales a run measured at one preset to another preset's
+        schedule with it. Empty for a defense that does not declare its stages' work."""
+        return {}
+
     def uses_clip(self) -> bool:
         """Whether `fit` loads the run's CLIP (`context.clip`): every defense fed CGD's clean split
         does; CGD overrides this. The harness then keys its results on the CLIP's identity."""

@@ -244,6 +244,16 @@ class CGD(Defense):
 
     # ------------------------------------------------------------------------------------------ fit
 
+    def stage_work(self, n_train: int) -> dict[str, float]:
+        p = self.params
+        # k-fold scoring trains k models on (k-1)/k of the data each: k-1 passes over it per epoch.
+        passes_per_epoch = p.suspicious_folds - 1 if p.suspicious_scoring == "kfold" else 1
+        retrain_epoch = n_train if p.retrain_max_iters_per_epoch is None else \
+            min(n_train, p.retrain_max_iters_per_epoch * p.retrain_batch_size)
+        return {"clip_scoring": float(n_train),  # one CLIP pass over the data, whatever the schedule
+                "suspicious_training": p.suspicious_repeats * p.suspicious_epochs * passes_per_epoch * n_train,
+                "retraining": p.retrain_epochs * retrain_epoch}
+
     def fit(self, model, train_set: ImageData, *, val_set: ImageData | None = None, clean_subset=None,
             context: DefenseContext) -> "CGD":
         p = self.params

@@ -305,6 +305,12 @@ class DBD(Defense):
         # value). Shortened presets keep the full warm-up, so counting it would start their ramp half-way.
         rampup_counts_warmup: bool = Field(True, description="count the warm-up epochs into the ramp-up")
 
+    def stage_work(self, n_train: int) -> dict[str, float]:
+        p = self.params
+        return {"simclr": p.simclr_epochs * n_train, "linear_warmup": p.warmup_epochs * n_train,
+                "split": p.semi_epochs * n_train,  # one loss pass over the data before each MixMatch epoch
+                "mixmatch": p.semi_epochs * p.semi_iterations * p.semi_batch_size}
+
     def fit(self, model, train_set: ImageData, *, val_set=None, clean_subset=None, context) -> "DBD":
         """Train a fresh model of `model`'s architecture on `train_set` (DBD trains from scratch; the
         backdoored `model` itself is not used)."""
