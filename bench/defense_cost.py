@@ -25,7 +25,8 @@ That is arithmetic on the measurement, labelled as a projection, never a measure
 The whole comparison (badnets + sig, four defenses) takes about 3.5 hours on a 2-core CPU. The report
 is rewritten after every defense, and `--resume` keeps the rows of an earlier, cut-short run of the
 same comparison (same preset, dataset, seed, and the same machine: CPU model, core count, GPU) and runs
-only the missing ones, so the comparison can be finished in a later sitting on the same host. Rows
+only the missing ones, so the comparison can be finished in later sittings on the same host, each
+running part of it (`--defenses dbd --resume` keeps the other defenses' rows). Rows
 measured on another machine are refused, never mixed into the ratios; every row records its commit
 and finish time, and `runs` lists each sitting.
 """
@@ -292,18 +293,26 @@ def main(argv=None) -> None:
                   "total_s": round(time.perf_counter() - t0, 1), **provenance}
         atomic_write_text(out, json.dumps(report, indent=2))
 
-    rows = []
-    for attack in args.attacks:
-        for defense in args.defenses:
-            if (attack, defense) in kept:
-                rows.append(kept[(attack, defense)])
-                print(f"  {attack}/{defense}: {rows[-1]['wall_s']:.1f} s (kept from an earlier sitting)", flush=True)
-                continue
-            rows.append({**run_worker(args, attack, defense), "machine": machine_info,
-                         "git_commit": runs[-1]["git_commit"], "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
-            r = rows[-1]
-            print(f"  {attack}/{defense}: " + (f"{r['wall_s']:.1f} s" if "error" not in r else "FAILED"), flush=True)
-            write_report(rows)
+    wanted = [(a, d) for a in args.attacks for d in args.defenses]
+    # Earlier rows outside this run's attacks x defenses stay in the report: a comparison may be
+    # finished over sittings that each run part of it (e.g. `--defenses dbd --resume` after the rest).
+    rows = [row for key, row in kept.items() if key not in wanted]
+
+    def report_kept(row: dict) -> None:
+        print(f"  {row['attack']}/{row['defense']}: {row['wall_s']:.1f} s (kept from an earlier sitting)", flush=True)
+
+    for row in rows:
+        report_kept(row)
+    for attack, defense in wanted:
+        if (attack, defense) in kept:
+            rows.append(kept[(attack, defense)])
+            report_kept(rows[-1])
+            continue
+        rows.append({**run_worker(args, attack, defense), "machine": machine_info,
+                     "git_commit": runs[-1]["git_commit"], "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        r = rows[-1]
+        print(f"  {attack}/{defense}: " + (f"{r['wall_s']:.1f} s" if "error" not in r else "FAILED"), flush=True)
+        write_report(rows)
     write_report(rows)
     print()
     print_table(rows)

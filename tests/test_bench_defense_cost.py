@@ -50,6 +50,30 @@ def test_resume_keeps_finished_rows_and_runs_nothing_again(measured, mini_root):
     assert report["runs"][0] == first["runs"][0]
 
 
+def test_resume_keeps_the_rows_of_defenses_this_sitting_does_not_name(measured, mini_root, tmp_path):
+    """A comparison finished over sittings that each run part of it (`--defenses dbd --resume`)."""
+    from cgd_defense.registry import create_defense
+
+    tmp, out, first = measured
+    report = json.loads(out.read_text())
+    (abl,) = report["rows"]
+    asd = {**abl, "defense": "asd", "params": create_defense("asd", preset="smoke").get_params(),
+           "stage_times": {"seeds": 0.1, "split": 2.0, "mixmatch": 3.0}, "wall_s": 5.5}
+    report["rows"] = [asd, abl]
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps(report))
+    proc = _run(mini_root, tmp / "cache", partial, "--defenses", "abl", "--resume")
+    assert proc.returncode == 0, proc.stderr
+    assert "badnets/asd: 5.5 s (kept" in proc.stdout and "badnets/abl" in proc.stdout
+    after = json.loads(partial.read_text())
+    assert after["rows"] == [asd, abl]
+    assert {(r["attack"], r["defense"]) for r in after["projection"]["rows"]} == {("badnets", "asd"), ("badnets", "abl")}
+    # ASD at smoke: 3 epochs, one of them a meta-split of half a virtual epoch, 4 MixMatch steps of 32 each
+    factors = next(r for r in after["projection"]["rows"] if r["defense"] == "asd")["stage_factors"]
+    assert factors["split"] == pytest.approx((120 + 2 * 30) / (3 + 2 * 1 * 0.5))
+    assert factors["mixmatch"] == pytest.approx(120 * 1024 * 64 / (3 * 4 * 32))
+
+
 def test_without_resume_the_report_is_measured_afresh(measured, mini_root, tmp_path):
     tmp, out, first = measured
     fresh = tmp_path / "fresh.json"
