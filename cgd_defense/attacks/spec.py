@@ -19,8 +19,6 @@ from ..config import PROJECT_ROOT, StrictModel, load_yaml, validate_model
 from ..errors import ConfigError
 from .triggers import TriggerKind, get_trigger_kind, list_trigger_kinds
 
-FAMILIES = ("dirty-label", "clean-label", "clean-image", "sample-specific", "no-attack")
-
 
 class TriggerComponent(StrictModel):
     kind: str

@@ -34,7 +34,6 @@ from ..harness.cache import spec_hash
 GRIDS_DIR = PROJECT_ROOT / "leaderboard" / "grids"
 
 NO_ATTACK_FAMILY = "no-attack"
-CLIP_PLACEHOLDERS = ("{dataset}", "{attack}")
 
 
 class GridError(CGDError):
