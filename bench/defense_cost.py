@@ -259,12 +259,11 @@ def main(argv=None) -> None:
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return
 
+    from cgd_defense.errors import CGDError
     from cgd_defense.harness.cache import atomic_write_text
+    from cgd_defense.harness.presets import get_preset
     from cgd_defense.harness.provenance import git_commit, machine, package_versions
     from cgd_defense.registry import is_defense
-
-    from cgd_defense.errors import CGDError
-    from cgd_defense.harness.presets import get_preset
 
     missing = [d for d in args.defenses if not is_defense(d)]
     if missing:
@@ -286,13 +285,14 @@ def main(argv=None) -> None:
     provenance = {"machine": machine_info, "platform": platform.platform(), "versions": package_versions(),
                   "git_commit": runs[-1]["git_commit"], "runs": runs}
 
-    def write_report(rows: list[dict]) -> None:
+    def write_report(rows: list[dict]) -> dict:
         # Rewritten after every defense, so a long run cut short keeps what finished.
         report = {"preset": args.preset, "dataset": args.dataset, "seed": args.seed, "rows": rows,
                   "cgd_ratios": ratios(rows), "projection": projected(rows, args.project_to),
                   "input_times_s": input_times,
                   "total_s": round(time.perf_counter() - t0, 1), **provenance}
         atomic_write_text(out, json.dumps(report, indent=2))
+        return report
 
     # Every kept row stays, in its place, whether or not this sitting names its attack and defense: a
     # comparison may be finished by sittings that each run part of it (e.g. `--defenses dbd --resume`).
@@ -305,12 +305,12 @@ def main(argv=None) -> None:
         r = rows[-1]
         print(f"  {attack}/{defense}: " + (f"{r['wall_s']:.1f} s" if "error" not in r else "FAILED"), flush=True)
         write_report(rows)
-    write_report(rows)
+    report = write_report(rows)
     print()
     print_table(rows)
-    for attack, r in ratios(rows).items():
+    for attack, r in report["cgd_ratios"].items():
         print(f"{attack}: " + ", ".join(f"{k} = {v:.3f}" for k, v in r.items()))
-    projection = projected(rows, args.project_to)
+    projection = report["projection"]
     if projection["rows"]:
         print(f"\nprojected to the {args.project_to} preset's schedules (not measured: the same model, data and "
               "machine, each stage scaled by its work):")

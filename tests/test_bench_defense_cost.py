@@ -2,6 +2,7 @@
 later sitting without mixing machines or settings."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -113,8 +114,9 @@ def test_the_report_projects_each_stage_to_the_paper_schedule(measured):
 
 
 def test_projection_leaves_out_rows_whose_stages_are_undeclared():
-    sys.path.insert(0, str(SCRIPT.parent))
-    import defense_cost
+    spec = importlib.util.spec_from_file_location("defense_cost", SCRIPT)
+    defense_cost = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(defense_cost)
 
     params = {"isolation_epochs": 1, "finetune_epochs": 2.4}
     row = {"attack": "badnets", "defense": "abl", "wall_s": 100.0, "n_train": 1000, "params": params,
