@@ -1,6 +1,8 @@
-"""Shared fixtures: the real CIFAR-10 mini copy beside the project, an isolated cache, tiny data."""
+"""Shared fixtures: the real CIFAR-10 mini copy beside the project, an isolated cache, tiny data, and a
+loader for the bench/ scripts."""
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -35,3 +37,14 @@ def tiny_data() -> ImageData:
     images = torch.randint(0, 256, (60, 3, 8, 8), dtype=torch.uint8, generator=g)
     labels = torch.arange(3).repeat_interleave(20)
     return ImageData(images, labels, ["a", "b", "c"])
+
+
+@pytest.fixture(scope="session")
+def load_script():
+    """Import a bench/ script (a file, not a package module) by its path, to test its functions."""
+    def load(path: Path):
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    return load

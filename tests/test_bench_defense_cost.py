@@ -2,7 +2,6 @@
 later sitting without mixing machines or settings."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -113,10 +112,8 @@ def test_the_report_projects_each_stage_to_the_paper_schedule(measured):
     assert projected["wall_s"] == pytest.approx(expected, abs=0.1)
 
 
-def test_projection_leaves_out_rows_whose_stages_are_undeclared():
-    spec = importlib.util.spec_from_file_location("defense_cost", SCRIPT)
-    defense_cost = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(defense_cost)
+def test_projection_leaves_out_rows_whose_stages_are_undeclared(load_script):
+    defense_cost = load_script(SCRIPT)
 
     params = {"isolation_epochs": 1, "finetune_epochs": 2.4}
     row = {"attack": "badnets", "defense": "abl", "wall_s": 100.0, "n_train": 1000, "params": params,

@@ -1,7 +1,6 @@
 """bench/grid_wall_time.py: the whole-grid projection on a hand-built results database (no training)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -30,13 +29,6 @@ TIMES = {
 }
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("grid_wall_time", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture()
 def filled(tmp_path):
     grid = tmp_path / "walltime.yaml"
@@ -54,9 +46,9 @@ def filled(tmp_path):
     return grid, plan, db
 
 
-def test_projection_counts_each_victim_once_and_projects_pending_jobs(filled):
+def test_projection_counts_each_victim_once_and_projects_pending_jobs(filled, load_script):
     _, plan, db = filled
-    report = _script().project(plan.runnable, db.rows(status="done"))
+    report = load_script(SCRIPT).project(plan.runnable, db.rows(status="done"))
     rows = {r["defense"]: r for r in report["rows"]}
     assert report["overhead_per_job_s"] == pytest.approx(10.0)  # median of 10, 30, 10 over the CPU jobs
     # victims 100 + 120, badnets' trigger fit 30 - 10
@@ -71,7 +63,7 @@ def test_projection_counts_each_victim_once_and_projects_pending_jobs(filled):
     assert report["hosts"] == ["vm (2 CPUs)"]
 
 
-def test_unmeasured_defense_falls_back_to_a_cost_report(filled, tmp_path):
+def test_unmeasured_defense_falls_back_to_a_cost_report(filled, tmp_path, load_script):
     _, plan, db = filled
     nad_params = next(j for j in plan.jobs if j.defense == "nad").resolved["defense_params"]
     other = {**nad_params, "epochs": 99}
@@ -80,7 +72,7 @@ def test_unmeasured_defense_falls_back_to_a_cost_report(filled, tmp_path):
         {"defense": "nad", "wall_s": 30.0, "params": other},
         {"defense": "nad", "wall_s": 70.0, "params": nad_params},
         {"defense": "nad", "wall_s": 1.0, "params": nad_params, "preset": "quick"}]}))  # another preset: ignored
-    module = _script()
+    module = load_script(SCRIPT)
     fallback = module.cost_file_estimates("smoke", tmp_path)
     assert [r["wall_s"] for r in fallback["nad"]] == [30.0, 70.0]
     report = module.project(plan.runnable, db.rows(status="done"), fallback)

@@ -1,7 +1,6 @@
 """bench/per_class_accuracy.py: the per-class report on a hand-built case, and the script at smoke."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -14,24 +13,17 @@ from cgd_defense.config import PROJECT_ROOT
 SCRIPT = PROJECT_ROOT / "bench" / "per_class_accuracy.py"
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("per_class_accuracy", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_per_class_report_on_a_hand_built_confusion():
+def test_per_class_report_on_a_hand_built_confusion(load_script):
     # class 0 (the target): 4 images, 2 right, 1 taken for b, 1 for c; class 1: 2 images, 1 called the
     # target; class 2: 2 images, both right
     labels = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2])
     predictions = torch.tensor([0, 0, 1, 2, 1, 0, 2, 2])
-    r = _script().per_class_report(predictions, labels, ["a", "b", "c"], target=0)
+    r = load_script(SCRIPT).per_class_report(predictions, labels, ["a", "b", "c"], target=0)
     assert r["clean_acc"] == pytest.approx(5 / 8)
     assert r["per_class_acc"] == {"a": 0.5, "b": 0.5, "c": 1.0}
     assert r["others_called_target"] == pytest.approx(1 / 4)
     assert r["target_images_predicted_as"] == {"a": 0.5, "b": 0.25, "c": 0.25}
-    assert "target" not in _script().per_class_report(predictions, labels, ["a", "b", "c"], target=None)
+    assert "target" not in load_script(SCRIPT).per_class_report(predictions, labels, ["a", "b", "c"], target=None)
 
 
 def test_script_reports_every_class_of_the_clean_and_attacked_models(mini_root, session_cache_dir, tmp_path):
