@@ -12,7 +12,7 @@ import click
 import yaml
 
 from .config import CACHE_DIR_HELP
-from .errors import CGDError, ConfigError
+from .errors import CGDError, ConfigError, Terminated
 
 
 def _parse_opts(opts: tuple[str, ...], what: str) -> dict:
@@ -327,7 +327,7 @@ def grid_run(grid_name, backend, workers, db_path, retry_failed, skip_unregister
     """Run the unfinished jobs of GRID; finished jobs are skipped, so a stopped run resumes."""
     from .leaderboard.db import ResultsDB
     from .leaderboard.grid import load_plan
-    from .leaderboard.runner import run_grid, unregistered_error
+    from .leaderboard.runner import run_grid, sigterm_stops_like_ctrl_c, unregistered_error
 
     plan = load_plan(grid_name)
     if print_config:
@@ -337,10 +337,11 @@ def grid_run(grid_name, backend, workers, db_path, retry_failed, skip_unregister
         click.echo(yaml.safe_dump(json.loads(json.dumps(jobs)), sort_keys=False))  # plain copies: no YAML anchors
         return
     db = ResultsDB(db_path)
-    summary = run_grid(plan, db, backend=backend, workers=workers, retry_failed=retry_failed,
-                       skip_unregistered=skip_unregistered, data_root=data_root, cache_dir=cache_dir, device=device,
-                       runs_dir=runs_dir, address=address, cpus_per_job=cpus_per_job, gpus_per_job=gpus_per_job,
-                       only=list(only) or None, rerun_done=rerun_done)
+    with sigterm_stops_like_ctrl_c():
+        summary = run_grid(plan, db, backend=backend, workers=workers, retry_failed=retry_failed,
+                           skip_unregistered=skip_unregistered, data_root=data_root, cache_dir=cache_dir,
+                           device=device, runs_dir=runs_dir, address=address, cpus_per_job=cpus_per_job,
+                           gpus_per_job=gpus_per_job, only=list(only) or None, rerun_done=rerun_done)
     for line in summary.lines():
         click.echo(line)
     click.echo(f"results: {db.path}")
@@ -594,7 +595,10 @@ def main(argv: list[str] | None = None) -> None:
     except CGDError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:  # click's wrapper of KeyboardInterrupt
+        if isinstance(exc.__cause__ or exc.__context__, Terminated):
+            click.echo("terminated", err=True)
+            sys.exit(143)
         click.echo("aborted", err=True)
         sys.exit(130)
     except click.ClickException as exc:

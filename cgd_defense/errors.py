@@ -1,4 +1,4 @@
-"""The one exception type that the CLI turns into a single clear line and a non-zero exit."""
+"""The exception types that the CLI turns into a single clear line and a non-zero exit."""
 
 
 class CGDError(Exception):
@@ -8,3 +8,8 @@ class CGDError(Exception):
 
 class ConfigError(CGDError, ValueError):
     """A configuration value (YAML field, CLI option, Python parameter) is invalid."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM received by a command that stops cleanly on it (`grid run`): raised where Ctrl-C's
+    KeyboardInterrupt would be, so both take the same clean-up path; the CLI exits with 143."""

@@ -196,6 +196,45 @@ def test_sigkill_loses_nothing_finished_and_repeats_only_the_interrupted_job(
     assert after["badnets"]["asr"] == job_rows(first_run[0])["badnets"]["asr"]
 
 
+def test_sigterm_stops_the_grid_like_ctrl_c_without_waiting_for_the_running_job(tiny_grid, mini_root, tmp_path):
+    """A scheduler's or `kill`'s SIGTERM in the middle of a job: the driver exits 143 at once, its
+    worker stopped mid-job rather than waited for; the finished job stays done and the interrupted
+    one goes back to pending (not `running`), so the board shows the truth and a rerun repeats it."""
+    from cgd_defense.leaderboard.runner import job_run_dir
+
+    db = tmp_path / "results.sqlite"
+    args = [sys.executable, "-m", "cgd_defense.cli", "grid", "run", str(tiny_grid), "--db", str(db),
+            "--data-root", str(mini_root), "--cache-dir", str(tmp_path / "cache")]  # own cache: each job trains
+    driver = subprocess.Popen(args, cwd=PROJECT_ROOT, env={**os.environ, "CGD_PROGRESS": "0"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 900
+        while time.time() < deadline and driver.poll() is None:
+            rows = job_rows(db) if db.exists() else {}
+            if rows.get("clean", {}).get("status") == "done" and rows.get("badnets", {}).get("status") == "running":
+                os.kill(driver.pid, signal.SIGTERM)  # just after the second job started: its worker is new
+                break
+            time.sleep(0.02)
+        _, stderr = driver.communicate(timeout=120)
+        assert driver.returncode == 143, stderr[-3000:]
+        # one line from the driver; multiprocessing's resource tracker may add a warning after it, when
+        # the stopped pool left a semaphore that it then removes
+        assert "terminated" in stderr.splitlines() and "Traceback" not in stderr, stderr[-3000:]
+        for _ in range(50):  # the fork server follows its driver
+            if not _session_processes(driver.pid):
+                break
+            time.sleep(0.1)
+        assert _session_processes(driver.pid) == []
+    finally:
+        for pid in _session_processes(driver.pid):
+            os.kill(pid, signal.SIGKILL)
+    rows = job_rows(db)
+    assert rows["clean"]["status"] == "done" and rows["badnets"]["status"] == "pending"
+    badnets = next(j for j in load_plan(tiny_grid).jobs if j.attack == "badnets")
+    log_path = job_run_dir(tmp_path / "runs", "tiny", badnets) / "run.log"
+    assert "evaluate: done" not in (log_path.read_text() if log_path.exists() else "")  # not run to its end
+
+
 def test_grid_show_says_where_a_running_job_is(tiny_grid, tmp_path):
     from cgd_defense.leaderboard.runner import job_run_dir
 

@@ -21,6 +21,7 @@ import multiprocessing
 import os
 import re
 import resource
+import signal
 import socket
 import tempfile
 import threading
@@ -30,9 +31,11 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor
 from concurrent.futures import wait as wait_futures
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from multiprocessing import forkserver
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+from ..errors import Terminated
 from ..harness.cache import atomic_write_bytes
 from ..harness.precision import keep_freed_memory
 from ..harness.provenance import machine
@@ -43,6 +46,7 @@ from .grid import GridError, GridPlan, Job
 
 RUN_FILE_LIMIT = 32 << 20  # bytes of run-folder files (figures) a worker sends back per job
 FAILURES_LISTED = 20
+ABORT_WAIT_S = 30.0  # most seconds a stopped grid waits for its workers to die before it exits anyway
 
 
 def execute_job(run_config: dict, torch_threads: int | None = None, live_log: str | None = None) -> dict:
@@ -140,6 +144,10 @@ class LocalBackend:
         self.threads = max(1, (os.cpu_count() or 1) // self.capacity) if self.capacity > 1 else None
         self._ctx = multiprocessing.get_context("forkserver")
         self._ctx.set_forkserver_preload(["torch", "cgd_defense.harness.pipeline", __name__])
+        # Started now, not by the first submit: submits run with stop signals held back (see
+        # `stops_held`), and a fork server started then would pass that mask on to every worker,
+        # which `close(abort=True)` could then not terminate.
+        forkserver.ensure_running()
         self._pool = self._new_pool()
 
     def _new_pool(self) -> ProcessPoolExecutor:
@@ -168,12 +176,48 @@ class LocalBackend:
         if not abort:
             self._pool.shutdown(wait=True)
             return
-        # A stopped grid (Ctrl-C, error) leaves no worker computing a result no one records. The pool
-        # has no public way to stop running tasks, so its worker processes are terminated directly,
-        # and not waited for (a worker killed while holding the task queue's lock would block a join).
-        for proc in list((getattr(self._pool, "_processes", None) or {}).values()):
-            proc.terminate()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        # A stopped grid (Ctrl-C, SIGTERM, error) leaves no worker computing a result no one records.
+        # Before Python 3.14 the pool has no public way to stop running tasks, so its workers are
+        # terminated directly, and again until its manager thread, seeing a dead worker, has failed
+        # the pool and ended: just after a job ends that thread starts a replacement worker
+        # (max_tasks_per_child=1), which a single pass could miss and which would take the queued
+        # job; and the interpreter joins that thread at exit, so a worker left running would hold
+        # the stopped driver until its job was done. Only then is the pool shut down: shutting it
+        # down first takes away the state the manager thread still reads.
+        pool = self._pool
+        manager = getattr(pool, "_executor_manager_thread", None)
+        workers = getattr(pool, "_processes", None)  # the live dict: the manager adds replacements to it
+        deadline = time.monotonic() + ABORT_WAIT_S
+        while manager is not None and manager.is_alive() and time.monotonic() < deadline:
+            for proc in list((workers or {}).values()):
+                proc.terminate()
+            manager.join(0.05)
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+@contextlib.contextmanager
+def sigterm_stops_like_ctrl_c():
+    """While the block runs, SIGTERM (a scheduler's or `kill`'s stop) raises `Terminated`, a
+    KeyboardInterrupt, so the grid stops as on Ctrl-C: running jobs back to pending, workers stopped."""
+    def stop(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def stops_held():
+    """Ctrl-C and SIGTERM wait until the block is done. Around a submit: a worker process
+    interrupted while being started is left half-made and prints a traceback of its own."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -340,24 +384,28 @@ def run_grid(plan: GridPlan, db: ResultsDB, *, backend: str = "local", workers: 
                disable=not progress_enabled(), dynamic_ncols=True)
     scheduler = _Scheduler(to_run)
     in_flight: dict[Any, Job] = {}
+    unrecorded: set[str] = set()  # jobs marked running and not yet recorded: a stop puts them back to pending
     t0 = time.perf_counter()
     aborted = True
     try:
         while scheduler.queue or in_flight:
             while len(in_flight) < executor.capacity and (job := scheduler.next()) is not None:
+                unrecorded.add(job.key)
                 db.mark_running(job.key)
                 cfg = job.run_config(data_root=data_root, cache_dir=cache_dir, device=device)
                 live_log = job_run_dir(runs_root, grid, job) / RUN_LOG
-                in_flight[executor.submit(job, cfg.model_dump(mode="json"), live_log)] = job
+                with stops_held():
+                    in_flight[executor.submit(job, cfg.model_dump(mode="json"), live_log)] = job
                 bar.set_postfix_str(job.describe(), refresh=True)
             for handle, outcome in executor.wait(list(in_flight)):
                 job = in_flight.pop(handle)
                 scheduler.finished(job)
                 _record(db, job, outcome, job_run_dir(runs_root, grid, job), summary, bar.write)
+                unrecorded.discard(job.key)
                 bar.update(1)
         aborted = False
     except BaseException:
-        db.mark_pending(job.key for job in in_flight.values())
+        db.mark_pending(unrecorded)
         raise
     finally:
         bar.close()
