@@ -158,26 +158,24 @@ def test_a_new_database_file_never_appears_without_its_tables(tmp_path, monkeypa
     assert job_rows(path) == {}
 
 
-def test_sigkill_loses_nothing_finished_and_repeats_only_the_interrupted_job(
-        first_run, tiny_grid, mini_root, session_cache_dir, tmp_path):
-    db = tmp_path / "results.sqlite"
-    args = [sys.executable, "-m", "cgd_defense.cli", "grid", "run", str(tiny_grid), "--db", str(db),
-            "--data-root", str(mini_root), "--cache-dir", str(session_cache_dir)]
+def _signal_driver_in_second_job(grid: Path, mini_root: Path, db: Path, cache_dir: Path, sig: int) -> tuple[int, str]:
+    """Run `grid` (the tiny one) in a subprocess, send `sig` to its driver just after the second job
+    (BadNets) started, and return the driver's exit status and stderr once it and every process it
+    started are gone."""
+    args = [sys.executable, "-m", "cgd_defense.cli", "grid", "run", str(grid), "--db", str(db),
+            "--data-root", str(mini_root), "--cache-dir", str(cache_dir)]
     driver = subprocess.Popen(args, cwd=PROJECT_ROOT, env={**os.environ, "CGD_PROGRESS": "0"},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.time() + 900
         while time.time() < deadline and driver.poll() is None:
             rows = job_rows(db) if db.exists() else {}
             if rows.get("clean", {}).get("status") == "done" and rows.get("badnets", {}).get("status") == "running":
-                os.kill(driver.pid, signal.SIGKILL)  # in the middle of the second job
+                os.kill(driver.pid, sig)
                 break
             time.sleep(0.02)
-        driver.wait(timeout=60)
-        assert driver.returncode == -signal.SIGKILL, "the driver finished before it could be killed mid-job"
-        killed = job_rows(db)
-        assert killed["clean"]["status"] == "done" and killed["badnets"]["status"] == "running"
-        for _ in range(100):  # the orphaned worker notices its driver is gone and exits
+        _, stderr = driver.communicate(timeout=120)
+        for _ in range(100):  # an orphaned worker notices its driver is gone; the fork server follows it
             if not _session_processes(driver.pid):
                 break
             time.sleep(0.1)
@@ -185,6 +183,16 @@ def test_sigkill_loses_nothing_finished_and_repeats_only_the_interrupted_job(
     finally:
         for pid in _session_processes(driver.pid):
             os.kill(pid, signal.SIGKILL)
+    return driver.returncode, stderr
+
+
+def test_sigkill_loses_nothing_finished_and_repeats_only_the_interrupted_job(
+        first_run, tiny_grid, mini_root, session_cache_dir, tmp_path):
+    db = tmp_path / "results.sqlite"
+    returncode, _ = _signal_driver_in_second_job(tiny_grid, mini_root, db, session_cache_dir, signal.SIGKILL)
+    assert returncode == -signal.SIGKILL, "the driver finished before it could be killed mid-job"
+    killed = job_rows(db)
+    assert killed["clean"]["status"] == "done" and killed["badnets"]["status"] == "running"
 
     proc = cli("grid", "run", str(tiny_grid), "--db", str(db), "--data-root", str(mini_root),
                "--cache-dir", str(session_cache_dir))
@@ -197,37 +205,19 @@ def test_sigkill_loses_nothing_finished_and_repeats_only_the_interrupted_job(
 
 
 def test_sigterm_stops_the_grid_like_ctrl_c_without_waiting_for_the_running_job(tiny_grid, mini_root, tmp_path):
-    """A scheduler's or `kill`'s SIGTERM in the middle of a job: the driver exits 143 at once, its
-    worker stopped mid-job rather than waited for; the finished job stays done and the interrupted
-    one goes back to pending (not `running`), so the board shows the truth and a rerun repeats it."""
+    """A scheduler's or `kill`'s SIGTERM just after a job started (its worker new): the driver exits
+    143, its worker stopped mid-job rather than waited for; the finished job stays done and the
+    interrupted one goes back to pending (not `running`), so the board shows the truth and a rerun
+    repeats it."""
     from cgd_defense.leaderboard.runner import job_run_dir
 
     db = tmp_path / "results.sqlite"
-    args = [sys.executable, "-m", "cgd_defense.cli", "grid", "run", str(tiny_grid), "--db", str(db),
-            "--data-root", str(mini_root), "--cache-dir", str(tmp_path / "cache")]  # own cache: each job trains
-    driver = subprocess.Popen(args, cwd=PROJECT_ROOT, env={**os.environ, "CGD_PROGRESS": "0"},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        deadline = time.time() + 900
-        while time.time() < deadline and driver.poll() is None:
-            rows = job_rows(db) if db.exists() else {}
-            if rows.get("clean", {}).get("status") == "done" and rows.get("badnets", {}).get("status") == "running":
-                os.kill(driver.pid, signal.SIGTERM)  # just after the second job started: its worker is new
-                break
-            time.sleep(0.02)
-        _, stderr = driver.communicate(timeout=120)
-        assert driver.returncode == 143, stderr[-3000:]
-        # one line from the driver; multiprocessing's resource tracker may add a warning after it, when
-        # the stopped pool left a semaphore that it then removes
-        assert "terminated" in stderr.splitlines() and "Traceback" not in stderr, stderr[-3000:]
-        for _ in range(50):  # the fork server follows its driver
-            if not _session_processes(driver.pid):
-                break
-            time.sleep(0.1)
-        assert _session_processes(driver.pid) == []
-    finally:
-        for pid in _session_processes(driver.pid):
-            os.kill(pid, signal.SIGKILL)
+    returncode, stderr = _signal_driver_in_second_job(tiny_grid, mini_root, db, tmp_path / "cache",  # each job trains
+                                                      signal.SIGTERM)
+    assert returncode == 143, stderr[-3000:]
+    # one line from the driver; multiprocessing's resource tracker may add a warning after it, when
+    # the stopped pool left a semaphore that it then removes
+    assert "terminated" in stderr.splitlines() and "Traceback" not in stderr, stderr[-3000:]
     rows = job_rows(db)
     assert rows["clean"]["status"] == "done" and rows["badnets"]["status"] == "pending"
     badnets = next(j for j in load_plan(tiny_grid).jobs if j.attack == "badnets")
