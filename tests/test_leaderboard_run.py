@@ -174,7 +174,7 @@ def _signal_driver_in_second_job(grid: Path, mini_root: Path, db: Path, cache_di
                 os.kill(driver.pid, sig)
                 break
             time.sleep(0.02)
-        _, stderr = driver.communicate(timeout=120)
+        _, stderr = driver.communicate(timeout=60)
         for _ in range(100):  # an orphaned worker notices its driver is gone; the fork server follows it
             if not _session_processes(driver.pid):
                 break

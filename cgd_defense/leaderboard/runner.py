@@ -155,7 +155,8 @@ class LocalBackend:
                                    initializer=_init_local_worker, initargs=(os.getpid(),))
 
     def submit(self, job: Job, run_config: dict, live_log: Path) -> Future:
-        return self._pool.submit(execute_job, run_config, self.threads, str(live_log))
+        with stops_held():  # a submit may start a worker process
+            return self._pool.submit(execute_job, run_config, self.threads, str(live_log))
 
     def wait(self, handles: list) -> list[tuple[Any, dict]]:
         done, _ = wait_futures(handles, return_when=FIRST_COMPLETED)
@@ -394,8 +395,7 @@ def run_grid(plan: GridPlan, db: ResultsDB, *, backend: str = "local", workers: 
                 db.mark_running(job.key)
                 cfg = job.run_config(data_root=data_root, cache_dir=cache_dir, device=device)
                 live_log = job_run_dir(runs_root, grid, job) / RUN_LOG
-                with stops_held():
-                    in_flight[executor.submit(job, cfg.model_dump(mode="json"), live_log)] = job
+                in_flight[executor.submit(job, cfg.model_dump(mode="json"), live_log)] = job
                 bar.set_postfix_str(job.describe(), refresh=True)
             for handle, outcome in executor.wait(list(in_flight)):
                 job = in_flight.pop(handle)
