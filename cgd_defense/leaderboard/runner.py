@@ -31,7 +31,6 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor
 from concurrent.futures import wait as wait_futures
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from multiprocessing import forkserver
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -144,10 +143,6 @@ class LocalBackend:
         self.threads = max(1, (os.cpu_count() or 1) // self.capacity) if self.capacity > 1 else None
         self._ctx = multiprocessing.get_context("forkserver")
         self._ctx.set_forkserver_preload(["torch", "cgd_defense.harness.pipeline", __name__])
-        # Started now, not by the first submit: submits run with stop signals held back (see
-        # `stops_held`), and a fork server started then would pass that mask on to every worker,
-        # which `close(abort=True)` could then not terminate.
-        forkserver.ensure_running()
         self._pool = self._new_pool()
 
     def _new_pool(self) -> ProcessPoolExecutor:
@@ -196,29 +191,43 @@ class LocalBackend:
         pool.shutdown(wait=False, cancel_futures=True)
 
 
+_stop_hold = {"depth": 0, "pending": None}  # see `stops_held`
+
+
 @contextlib.contextmanager
 def sigterm_stops_like_ctrl_c():
     """While the block runs, SIGTERM (a scheduler's or `kill`'s stop) raises `Terminated`, a
-    KeyboardInterrupt, so the grid stops as on Ctrl-C: running jobs back to pending, workers stopped."""
+    KeyboardInterrupt, so the grid stops as on Ctrl-C: running jobs back to pending, workers stopped.
+    Both wait while `stops_held` holds them."""
     def stop(signum, frame):
-        raise Terminated()
+        error = Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+        if _stop_hold["depth"]:
+            _stop_hold["pending"] = _stop_hold["pending"] or error
+            return
+        raise error
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @contextlib.contextmanager
 def stops_held():
-    """Ctrl-C and SIGTERM wait until the block is done. Around a submit: a worker process
-    interrupted while being started is left half-made and prints a traceback of its own."""
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    """Under `sigterm_stops_like_ctrl_c`, Ctrl-C and SIGTERM wait until the block is done. Around a
+    submit: a worker process interrupted while being started is left half-made and prints a
+    traceback of its own. (Blocking the signals with a thread mask would not do: any other thread,
+    e.g. one of torch's, can receive them and Python still runs the handler in the main thread.)"""
+    _stop_hold["depth"] += 1
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        _stop_hold["depth"] -= 1
+        if not _stop_hold["depth"] and _stop_hold["pending"] is not None:
+            error, _stop_hold["pending"] = _stop_hold["pending"], None
+            raise error
 
 
 # ---------------------------------------------------------------------------------------------- driver
